@@ -1,0 +1,1 @@
+"""kvpress: KV-cache compression for Hugging Face transformers."""
