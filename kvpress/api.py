@@ -1,0 +1,96 @@
+"""One line to turn compression on: `model = kvpress.wrap(model, press=..., quant=..., paged=...)`.
+
+`wrap` switches the model to the registered "kvpress" attention and makes every later `model.generate(...)` build a
+fresh KVPressCache with the configuration (unless the caller passes its own `past_key_values`). `unwrap` restores
+the model exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .attention import ATTENTION_NAME, register
+from .cache import SUPPORTED_LAYER_TYPES, KVPressCache
+from .config import resolve_config
+
+_STATE_ATTR = "_kvpress_state"
+
+
+def check_model(model) -> None:
+    """Raise ValueError unless the model is a decoder-only model whose attention goes through AttentionInterface."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise ValueError(f"kvpress.wrap needs a transformers generative model, got {type(model).__name__}.")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; kvpress compresses decoder-only self-attention "
+            "caches. Use a causal LM (e.g. Llama, Mistral, Qwen, Gemma3)."
+        )
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so kvpress "
+            "cannot attend over its compressed cache."
+        )
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise ValueError(f"kvpress supports attention layers {SUPPORTED_LAYER_TYPES}; this model has {unsupported}.")
+
+
+def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **generate_defaults):
+    """Make `model.generate` compress its KV cache as configured; returns the same model object.
+
+    Strings are accepted: press="snapkv:0.5", quant="int8-int4", paged="true". Wrapping twice replaces the
+    configuration. Extra keyword arguments become defaults of every generate call (e.g. prefill_chunk_size=1024).
+    """
+    check_model(model)
+    kv_config = resolve_config(press=press, quant=quant, paged=paged)
+    register()
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = {"attn_implementation": model.config._attn_implementation, "had_generate": "generate" in vars(model)}
+        state["original_generate"] = model.generate
+        model.set_attn_implementation(ATTENTION_NAME)
+    state["config"] = kv_config
+    state["generate_defaults"] = dict(generate_defaults)
+    setattr(model, _STATE_ATTR, state)
+    original = state["original_generate"]
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        for key, value in state["generate_defaults"].items():
+            kwargs.setdefault(key, value)
+        if kwargs.get("past_key_values") is None:
+            cfg = state["config"]
+            kwargs["past_key_values"] = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    return model
+
+
+def unwrap(model):
+    """Undo `wrap`: restore the original attention implementation and generate method."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    model.set_attn_implementation(state["attn_implementation"])
+    if state["had_generate"]:
+        model.generate = state["original_generate"]
+    else:
+        del model.generate
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_wrapped(model) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def wrapped_config(model):
+    """The KVConfig a wrapped model generates with (None if not wrapped)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state["config"]
