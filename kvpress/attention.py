@@ -1,9 +1,13 @@
 """The "kvpress" attention function and mask, registered with transformers' attention interfaces.
 
-Per layer and forward: the cache layer's `update()` stashed the new chunk; this function writes it into the layer's
-store and attends over what the layer stores. Prefill (empty layer), extend (a chunk after a past) and decode (one
-query) share one path; the mask of the new chunk comes from transformers (registered mask = sdpa's), the visibility
-of stored tokens (left padding, sliding window) from the layer itself. Presses run after the chunk is stored.
+Per layer and forward: the cache layer's `update()` stashed the new chunk; this function attends and writes the
+chunk into the layer's segments. Three phases share it:
+- prefill (empty layer): SDPA over the chunk with transformers' own mask (bit-identical to the plain model);
+- extend (a chunk after stored tokens): kernels over each stored segment + the chunk itself, merged exactly;
+- decode (one query): the token is stored first, then the kernels read every segment (the unquantized,
+  unpressed case uses SDPA over the stored view, which is exactly what transformers computes).
+The mask of the new chunk comes from transformers (registered mask = sdpa's); which stored tokens a row sees
+(left padding, filler slots, sliding window) comes from the layer. Presses run after a chunk is stored.
 """
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .compress import compress_after_chunk, evict_before_decode
+from .kernels import merge_attention_states
 
 ATTENTION_NAME = "kvpress"
 
@@ -32,31 +39,91 @@ def kvpress_attention_forward(
     if kwargs.get("softcap") is not None:
         raise ValueError("kvpress attention does not support attention logit softcapping (e.g. Gemma2).")
     layer.pending = None
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    return _attend(module, layer, query, key, value, attention_mask, dropout, scaling)
-
-
-def _attend(module, layer, query, key, value, chunk_mask, dropout, scaling):
-    n_past = layer.stored_length
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len = query.shape[2]
-    chunk_valid = _chunk_validity(chunk_mask) if q_len > 1 else None
-    layer.append({"k": key, "v": value}, chunk_valid)
-    # An empty layer attends over exactly the new chunk with transformers' own mask: prefill is bit-identical.
-    mask = chunk_mask if n_past == 0 else _stored_mask(layer, chunk_mask, n_past, q_len)
-    out, _ = sdpa_attention_forward(module, query, layer.keys, layer.values, mask, dropout=dropout, scaling=scaling)
+    chunk_valid = _chunk_validity(attention_mask) if q_len > 1 else None
+    press = layer.press
+    if q_len == 1 and press is not None:
+        evict_before_decode(layer)
+    if layer.kv.quant is None and not (q_len == 1 and layer.mass is not None):
+        out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
+    elif q_len == 1:
+        out = _decode_segments(layer, query, key, value, scaling)
+    else:
+        out = _extend_segments(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
+    if press is not None and q_len > 1:
+        compress_after_chunk(layer, query, scaling)
     if layer.is_sliding:
         layer.slide()
     return out, None
+
+
+def _attend_unquantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):
+    """fp store: write the chunk, then SDPA over the stored view (no concatenation, same math as transformers)."""
+    n_past = layer.stored_length
+    layer.append(key, value, chunk_valid)
+    mask = chunk_mask if n_past == 0 else _stored_mask(layer, chunk_mask, n_past, query.shape[2])
+    out, _ = sdpa_attention_forward(module, query, layer.keys, layer.values, mask, dropout=dropout, scaling=scaling)
+    return out
+
+
+def _decode_segments(layer, query, key, value, scaling):
+    """One new token: store it, then attend over every segment with the kernels; accumulate H2O mass."""
+    layer.append(key, value, None)
+    parts = [(seg.attend(query, layer.kv_start, off, scaling)) for seg, off in layer.kv.offsets() if seg.length]
+    out, lse = parts[0]
+    for o, l in parts[1:]:
+        out, lse = merge_attention_states(out, lse, o, l)
+    if layer.mass is not None:
+        mass = [seg.scores(query, lse, layer.kv_start, off, scaling) for seg, off in layer.kv.offsets() if seg.length]
+        layer.mass = layer.mass + torch.cat(mass, dim=2)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):
+    """A chunk after stored tokens: kernels over each stored segment, exact attention within the chunk, merged."""
+    if layer.stored_length == 0:
+        out, _ = sdpa_attention_forward(module, query, key, value, chunk_mask, dropout=dropout, scaling=scaling)
+        layer.append(key, value, chunk_valid)
+        return out
+    out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
+    for seg, off in layer.kv.offsets():
+        if seg.length:
+            out, lse = merge_attention_states(out, lse, *seg.attend(query, layer.kv_start, off, scaling))
+    layer.append(key, value, chunk_valid)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _chunk_attention(query, key, value, chunk_mask, scaling, window):
+    """Attention of the chunk's queries over the chunk's own keys (causal + padding), with its log-sum-exp."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1).float()
+    v = value.repeat_interleave(group, dim=1).float()
+    logits = query.float() @ k.transpose(-1, -2) * scaling
+    q_len = query.shape[2]
+    if chunk_mask is None:
+        rows = torch.arange(q_len, device=query.device)
+        allowed = (rows[None, :] <= rows[:, None])
+        if window is not None:
+            allowed = allowed & (rows[:, None] - rows[None, :] < window)
+        allowed = allowed[None, None]
+    else:
+        allowed = _as_bool(chunk_mask)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return probs @ v, lse
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
 def _chunk_validity(chunk_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, Q) bool: which new tokens are real (a padding key is attended by no query), None if all are."""
     if chunk_mask is None:
         return None
-    if chunk_mask.dtype != torch.bool:
-        chunk_mask = chunk_mask > torch.finfo(chunk_mask.dtype).min / 2
-    return chunk_mask[:, 0].any(dim=1)
+    return _as_bool(chunk_mask)[:, 0].any(dim=1)
 
 
 def _stored_mask(layer, chunk_mask: torch.Tensor | None, n_past: int, q_len: int) -> torch.Tensor | None:
@@ -67,21 +134,20 @@ def _stored_mask(layer, chunk_mask: torch.Tensor | None, n_past: int, q_len: int
         return None
     device = layer.keys.device
     cols = torch.arange(n_past, device=device)
+    rows = torch.arange(q_len, device=device)
     past = torch.ones(1, 1, q_len, n_past, dtype=torch.bool, device=device)
     if layer.kv_start is not None:
         past = past & (cols[None, None, None, :] >= layer.kv_start.to(device)[:, None, None, None])
     if window is not None:
-        rows = torch.arange(q_len, device=device)
         # past token c sits at distance (n_past - c) + i from query i; visible while that is < window
         past = past & ((n_past - cols[None, :] + rows[:, None]) < window)[None, None]
     if chunk_mask is None:
-        rows = torch.arange(q_len, device=device)
         chunk = rows[None, :] <= rows[:, None]
         if window is not None:
             chunk = chunk & (rows[:, None] - rows[None, :] < window)
         chunk = chunk[None, None]
     else:
-        chunk = chunk_mask if chunk_mask.dtype == torch.bool else chunk_mask > torch.finfo(chunk_mask.dtype).min / 2
+        chunk = _as_bool(chunk_mask)
     batch = max(past.shape[0], chunk.shape[0])
     return torch.cat([past.expand(batch, 1, q_len, n_past), chunk.expand(batch, 1, q_len, q_len)], dim=-1)
 

@@ -1,1 +1,18 @@
+"""Fused attention kernels over the (quantized, paged) KV store, with torch twins; see dispatch for the choice."""
+from kvpress.kernels.dispatch import (
+    attention_scores,
+    decode_attention,
+    extend_attention,
+    kernel_backend,
+    merge_attention_states,
+    quantize_store,
+)
 
+__all__ = [
+    "attention_scores",
+    "decode_attention",
+    "extend_attention",
+    "kernel_backend",
+    "merge_attention_states",
+    "quantize_store",
+]

@@ -66,6 +66,14 @@ class ContiguousStore:
         self.fields = kept
         self.length = idx.shape[2]
 
+    def compact(self, idx: torch.Tensor) -> None:
+        """Keep tokens `idx` (B, H, K) in place (no reallocation): memory stays flat during decode-time eviction."""
+        for name, buf in self.fields.items():
+            view = buf[:, :, : self.length]
+            index = idx.to(view.device).view(*idx.shape, *([1] * (view.dim() - 3)))
+            buf[:, :, : idx.shape[2]] = torch.gather(view, 2, index.expand(*idx.shape, *view.shape[3:]))
+        self.length = idx.shape[2]
+
     def drop_front(self, n: int) -> None:
         """Forget the first `n` stored tokens of every row (sliding windows); keeps the buffer, shifts in place."""
         if n <= 0:

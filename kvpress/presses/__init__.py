@@ -1,1 +1,26 @@
+"""Eviction presses: score stored tokens and pick which to keep (pure torch; no cache/attention/transformers)."""
+from kvpress.presses.attention_mass import accumulate_attention_mass, decode_victims, window_attention_mass
+from kvpress.presses.base import BasePress, forced_keep_mask, select_indices
+from kvpress.presses.h2o import H2OPress
+from kvpress.presses.knorm import KnormPress
+from kvpress.presses.random_press import RandomPress
+from kvpress.presses.registry import PRESSES, SPEC_FORMAT, parse_press
+from kvpress.presses.snapkv import SnapKVPress
+from kvpress.presses.streaming import StreamingLLMPress
 
+__all__ = [
+    "BasePress",
+    "H2OPress",
+    "KnormPress",
+    "PRESSES",
+    "RandomPress",
+    "SPEC_FORMAT",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "accumulate_attention_mass",
+    "decode_victims",
+    "forced_keep_mask",
+    "parse_press",
+    "select_indices",
+    "window_attention_mass",
+]

@@ -1,0 +1,638 @@
+"""Attention of query rows over the (quantized, paged) KV store: argument checks, the torch twin, and the
+split-K Triton kernel that both decode (one query per row) and extend (a chunk of queries) run on.
+
+Layout and dequantization follow docs/STORAGE_LAYOUT.md. Work is done in two halves of the head dim so
+that split-halves packed 4-bit fields dequantize in registers without any interleaving.
+"""
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # keep the package importable without triton; the *_triton functions then raise
+
+    class _TritonMissing:
+        """Stand-in for `triton` / `triton.language` so kernel definitions still parse without triton."""
+
+        def __getattr__(self, name: str) -> None:
+            return None
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _TritonMissing()
+    HAS_TRITON = False
+
+LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows in the torch twins
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    """Sizes shared by a query tensor and one KV store, resolved and checked once per call."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    num_queries: int
+    head_dim: int
+    page_size: int
+    k_group: int
+    v_group: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (GQA group size)."""
+        return self.q_heads // self.kv_heads
+
+
+def _check_field(name: str, field: torch.Tensor, bits: int, head_dim: int) -> None:
+    """Check dtype and last-dim width of one stored field (k or v) for its bit width."""
+    if field.dim() != 4:
+        raise ValueError(f"{name} must have shape (P, Hkv, S, X); got shape {tuple(field.shape)}")
+    if bits == 16:
+        if not field.is_floating_point():
+            raise ValueError(f"{name} with {name}_bits=16 must be a floating tensor; got {field.dtype}")
+        width = head_dim
+    elif bits in (4, 8):
+        if field.dtype != torch.uint8:
+            raise ValueError(f"{name} with {name}_bits={bits} must be uint8 codes; got {field.dtype}")
+        width = head_dim // 2 if bits == 4 else head_dim
+    else:
+        raise ValueError(f"{name}_bits must be 4, 8 or 16; got {bits}")
+    if field.shape[-1] != width:
+        raise ValueError(
+            f"{name} last dim must be {width} for {bits}-bit codes of head_dim {head_dim}; got {field.shape[-1]}"
+        )
+
+
+def _resolve_group(
+    name: str, field: torch.Tensor, scale, zero, bits: int, group: int | None, head_dim: int
+) -> int:
+    """Check the scale/zero fields of a quantized field and return its group size (head_dim when unquantized)."""
+    if bits == 16:
+        if scale is not None or zero is not None:
+            raise ValueError(f"{name}_scale and {name}_zero must be None when {name}_bits=16")
+        return head_dim
+    if scale is None or zero is None:
+        raise ValueError(f"{name}_scale and {name}_zero are required when {name}_bits={bits}")
+    expected = tuple(field.shape[:3])
+    for label, t in ((f"{name}_scale", scale), (f"{name}_zero", zero)):
+        if t.dim() != 4 or tuple(t.shape[:3]) != expected or not t.is_floating_point():
+            raise ValueError(
+                f"{label} must be a floating tensor shaped (P, Hkv, S, G) with (P, Hkv, S) = {expected}; "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+    if scale.shape != zero.shape or scale.stride() != zero.stride():
+        raise ValueError(f"{name}_scale and {name}_zero must have the same shape and strides")
+    n_groups = scale.shape[-1]
+    if n_groups == 0 or head_dim % n_groups != 0:
+        raise ValueError(f"{name}_scale has {n_groups} groups, which does not divide head_dim {head_dim}")
+    resolved = head_dim // n_groups
+    if group is not None and group != resolved:
+        raise ValueError(f"{name}_group={group} disagrees with {name}_scale width {n_groups} (head_dim {head_dim})")
+    if bits == 4 and resolved != head_dim and (head_dim // 2) % resolved != 0:
+        raise ValueError(
+            f"{name}_group={resolved} must divide head_dim/2={head_dim // 2} or equal head_dim for 4-bit codes"
+        )
+    return resolved
+
+
+def check_store_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> StoreGeometry:
+    """Check q (B, Hq, Q, D) against the store fields and row bounds; raise ValueError naming the problem.
+
+    Pass v=None to check keys only (attention_scores). Values of block_table/kv_start/kv_end are not read
+    here (that would synchronise a GPU); the torch twins check them, the Triton kernels trust them.
+    """
+    if q.dim() != 4 or not q.is_floating_point():
+        raise ValueError(f"q must be a floating tensor shaped (B, Hq, Q, D); got {q.dtype} {tuple(q.shape)}")
+    batch, q_heads, num_queries, head_dim = q.shape
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even; got {head_dim}")
+    _check_field("k", k, k_bits, head_dim)
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    k_group_size = _resolve_group("k", k, k_scale, k_zero, k_bits, k_group, head_dim)
+    v_group_size = head_dim
+    if v is not None:
+        _check_field("v", v, v_bits, head_dim)
+        if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+            raise ValueError(f"k and v must share (P, Hkv, S); got {tuple(k.shape)} and {tuple(v.shape)}")
+        v_group_size = _resolve_group("v", v, v_scale, v_zero, v_bits, v_group, head_dim)
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be shaped (B={batch}, max_pages>=1); got {tuple(block_table.shape)}")
+    for label, t in (("block_table", block_table), ("kv_start", kv_start), ("kv_end", kv_end)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{label} must be int32 or int64; got {t.dtype}")
+        if t.device != q.device or k.device != q.device:
+            raise ValueError(f"{label}, q and the store must be on one device; got {t.device}, {q.device}, {k.device}")
+    if tuple(kv_start.shape) != (batch,) or tuple(kv_end.shape) != (batch,):
+        raise ValueError(f"kv_start and kv_end must be shaped (B,) = ({batch},)")
+    return StoreGeometry(
+        batch, q_heads, kv_heads, num_queries, head_dim, k.shape[2], k_group_size, v_group_size
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch twin
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dequantize_codes(
+    raw: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None, bits: int, group: int
+) -> torch.Tensor:
+    """Dequantize gathered codes (..., X) to float32 (..., D): x = q * scale + zero per group of `group` dims."""
+    if bits == 16:
+        return raw.float()
+    codes = torch.cat((raw & 15, raw >> 4), dim=-1) if bits == 4 else raw
+    values = codes.float()
+    if not values.is_contiguous():
+        values = values.contiguous()
+    shape = values.shape
+    grouped = values.view(*shape[:-1], shape[-1] // group, group)
+    grouped.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1))
+    return values
+
+
+def _is_contiguous_store(field: torch.Tensor, block_table: torch.Tensor, t_end: int) -> bool:
+    """True when row b's tokens [0, t_end) all lie in page b (the contiguous store), so slicing suffices."""
+    batch = block_table.shape[0]
+    if field.shape[0] != batch or t_end > field.shape[2]:
+        return False
+    identity = torch.arange(batch, device=block_table.device, dtype=block_table.dtype)
+    return bool(torch.equal(block_table[:, 0], identity))
+
+
+def gather_tokens(
+    field: torch.Tensor, block_table: torch.Tensor, t_begin: int, t_end: int, contiguous: bool
+) -> torch.Tensor:
+    """Return the raw per-token rows of logical tokens [t_begin, t_end) of every row, shaped (B, Hkv, T, X).
+
+    The contiguous store is sliced (a view, no copy); the paged store is gathered in one indexing op.
+    """
+    if contiguous:
+        return field[:, :, t_begin:t_end]
+    page_size = field.shape[2]
+    positions = torch.arange(t_begin, t_end, device=field.device)
+    pages = block_table[:, positions // page_size].long().clamp_(0, field.shape[0] - 1)  # (B, T)
+    heads = torch.arange(field.shape[1], device=field.device)
+    return field[pages[:, None, :], heads[None, :, None], (positions % page_size)[None, None, :]]
+
+
+def gather_dequantized(
+    field: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    t_begin: int,
+    t_end: int,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
+    """Gather logical tokens [t_begin, t_end) of every row and dequantize them: float32 (B, Hkv, T, D)."""
+    contiguous = _is_contiguous_store(field, block_table, t_end)
+    raw = gather_tokens(field, block_table, t_begin, t_end, contiguous)
+    if bits == 16:
+        return dequantize_codes(raw, None, None, bits, group)
+    return dequantize_codes(
+        raw,
+        gather_tokens(scale, block_table, t_begin, t_end, contiguous),
+        gather_tokens(zero, block_table, t_begin, t_end, contiguous),
+        bits,
+        group,
+    )
+
+
+def token_span(
+    kv_start: torch.Tensor, kv_end: torch.Tensor, block_table: torch.Tensor, page_size: int
+) -> tuple[int, int]:
+    """Return (min kv_start, max kv_end) after checking 0 <= kv_start <= kv_end <= max_pages * page_size."""
+    if kv_start.numel() == 0:
+        return 0, 0
+    capacity = block_table.shape[1] * page_size
+    if bool((kv_start < 0).any()) or bool((kv_end < kv_start).any()) or int(kv_end.max()) > capacity:
+        raise ValueError(f"need 0 <= kv_start <= kv_end <= max_pages * page_size = {capacity} for every row")
+    return int(kv_start.min()), int(kv_end.max())
+
+
+def store_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin: q (B, Hq, Q, D) attends, unmasked, to stored tokens [kv_start, kv_end) of its row.
+
+    Returns out (B, Hq, Q, D) float32 and natural-log lse (B, Hq, Q); empty rows give out 0, lse -inf.
+    Vectorised over tokens; query rows are processed in chunks to bound the score matrix.
+    """
+    geo = check_store_args(
+        q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group, v_group
+    )
+    batch, q_heads, num_queries, head_dim = q.shape
+    out = torch.zeros(batch, q_heads, num_queries, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, q_heads, num_queries), -math.inf, dtype=torch.float32, device=q.device)
+    t_begin, t_end = token_span(kv_start, kv_end, block_table, geo.page_size)
+    if t_end <= t_begin or out.numel() == 0:
+        return out, lse
+    keys = gather_dequantized(k, k_scale, k_zero, block_table, t_begin, t_end, k_bits, geo.k_group)
+    values = gather_dequantized(v, v_scale, v_zero, block_table, t_begin, t_end, v_bits, geo.v_group)
+    positions = torch.arange(t_begin, t_end, device=q.device)
+    invalid = (positions[None, :] < kv_start[:, None]) | (positions[None, :] >= kv_end[:, None])
+    invalid = invalid[:, None, None, :]  # (B, 1, 1, T)
+    rows = geo.group * num_queries
+    queries = q.float().reshape(batch, geo.kv_heads, rows, head_dim)
+    out_rows = out.view(batch, geo.kv_heads, rows, head_dim)
+    lse_rows = lse.view(batch, geo.kv_heads, rows)
+    chunk = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * geo.kv_heads * (t_end - t_begin)))
+    for r0 in range(0, rows, chunk):
+        scores = torch.matmul(queries[:, :, r0 : r0 + chunk], keys.transpose(-1, -2)).mul_(sm_scale)
+        scores.masked_fill_(invalid, -math.inf)
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = scores.sub_(torch.nan_to_num(row_lse, neginf=0.0).unsqueeze(-1)).exp_()
+        out_rows[:, :, r0 : r0 + chunk] = torch.matmul(probs, values)
+        lse_rows[:, :, r0 : r0 + chunk] = row_lse
+    return out, lse
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of decode: one query per row and head, q (B, Hq, D) -> out (B, Hq, D), lse (B, Hq) float32."""
+    _check_decode_query(q)
+    out, lse = store_attention_reference(
+        q.unsqueeze(2), k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end,
+        sm_scale, k_bits, v_bits, k_group, v_group,
+    )  # fmt: skip
+    return out.squeeze(2), lse.squeeze(2)
+
+
+def _check_decode_query(q: torch.Tensor) -> None:
+    """Decode takes one query per row and head: q must be (B, Hq, D)."""
+    if q.dim() != 3:
+        raise ValueError(f"decode q must be shaped (B, Hq, D); got {tuple(q.shape)} (use extend_attention for Q>1)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _apply_group_affine(
+    codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
+    HALF: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """x = code * scale + zero for one (BLOCK_N, HALF) half: loads each token's few group scales once and
+    broadcasts them over their group (a group never straddles halves unless it spans the whole head)."""
+    if GROUP >= 2 * HALF:  # one group per token
+        scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(tl.float32)
+        zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(tl.float32)
+        result = codes * scale[:, None] + zero[:, None]
+    elif GROUP == HALF:  # one group per half
+        offsets = scale_row_offsets + half_index * stride_g
+        scale = tl.load(scale_ptr + offsets, mask=token_mask, other=0).to(tl.float32)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(tl.float32)
+        result = codes * scale[:, None] + zero[:, None]
+    else:
+        GROUPS: tl.constexpr = HALF // GROUP
+        groups = half_index * GROUPS + tl.arange(0, GROUPS)
+        offsets = scale_row_offsets[:, None] + groups[None, :] * stride_g
+        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(tl.float32)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(tl.float32)
+        grouped = tl.reshape(codes, (codes.shape[0], GROUPS, GROUP))
+        result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF))
+    return result
+
+
+@triton.jit
+def load_token_halves(
+    base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
+    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """Load BLOCK_N stored tokens and dequantize them into two float32 (BLOCK_N, HALF) half-vectors."""
+    cols = tl.arange(0, HALF)
+    mask = token_mask[:, None]
+    if BITS == 4:
+        packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
+        low = (packed & 15).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+    else:
+        low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
+        high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)
+        low = low.to(tl.float32)
+        high = high.to(tl.float32)
+    if BITS != 16:
+        low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF, GROUP)
+        high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF, GROUP)
+    return low, high
+
+
+@triton.jit
+def token_pages(table_ptr, table_row, tokens, token_mask, page_size):
+    """Map logical token indices of one row to (page as int64, slot) through its block-table row."""
+    page = tl.load(table_ptr + table_row + tokens // page_size, mask=token_mask, other=0).to(tl.int64)
+    return page, tokens % page_size
+
+
+@triton.jit
+def _split_attention_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, start_ptr, end_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qq, stride_qd,
+    stride_kp, stride_kh, stride_ks, stride_kx,
+    stride_ksp, stride_ksh, stride_kss, stride_ksg,
+    stride_vp, stride_vh, stride_vs, stride_vx,
+    stride_vsp, stride_vsh, stride_vss, stride_vsg,
+    stride_tb,
+    stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+    stride_lb, stride_lh, stride_lq, stride_lsplit,
+    kv_heads, group, num_queries, page_size, num_splits, qk_scale,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
+
+    Writes the split's normalised partial output and its natural-log lse (out 0 / lse -inf when empty).
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // kv_heads
+    kv_head = pid_bh % kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < group * num_queries
+    heads = kv_head * group + rows // num_queries
+    queries = rows % num_queries
+    cols = tl.arange(0, HALF)
+    q_rows = q_ptr + b * stride_qb + heads * stride_qh + queries * stride_qq
+    q_low = tl.load(q_rows[:, None] + cols[None, :] * stride_qd, mask=row_mask[:, None], other=0)
+    q_high = tl.load(q_rows[:, None] + (cols[None, :] + HALF) * stride_qd, mask=row_mask[:, None], other=0)
+    q_low = q_low.to(DOT_DTYPE)
+    q_high = q_high.to(DOT_DTYPE)
+
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_low = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_high = tl.zeros([BLOCK_M, HALF], tl.float32)
+    table_row = b.to(tl.int64) * stride_tb
+    for n0 in range(lo, hi, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        token_mask = tokens < hi
+        page, slot = token_pages(table_ptr, table_row, tokens, token_mask, page_size)
+        k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
+        ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
+        k_low, k_high = load_token_halves(
+            k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask, HALF, K_BITS, K_GROUP
+        )
+        scores = tl.dot(q_low, tl.trans(k_low.to(DOT_DTYPE)), input_precision=PRECISION)
+        scores += tl.dot(q_high, tl.trans(k_high.to(DOT_DTYPE)), input_precision=PRECISION)
+        scores = tl.where(token_mask[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        probs = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(probs, 1)
+        v_rows = page * stride_vp + kv_head * stride_vh + slot * stride_vs
+        vs_rows = page * stride_vsp + kv_head * stride_vsh + slot * stride_vss
+        v_low, v_high = load_token_halves(
+            v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask, HALF, V_BITS, V_GROUP
+        )
+        probs = probs.to(DOT_DTYPE)
+        acc_low = acc_low * alpha[:, None] + tl.dot(probs, v_low.to(DOT_DTYPE), input_precision=PRECISION)
+        acc_high = acc_high * alpha[:, None] + tl.dot(probs, v_high.to(DOT_DTYPE), input_precision=PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_rows = out_ptr + b * stride_ob + heads * stride_oh + queries * stride_oq + split * stride_osplit
+    tl.store(o_rows[:, None] + cols[None, :] * stride_od, acc_low * inv_l[:, None], mask=row_mask[:, None])
+    tl.store(o_rows[:, None] + (cols[None, :] + HALF) * stride_od, acc_high * inv_l[:, None], mask=row_mask[:, None])
+    l_rows = lse_ptr + b * stride_lb + heads * stride_lh + queries * stride_lq + split * stride_lsplit
+    tl.store(l_rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One program per query row: log-sum-exp merge of its contiguous (splits, D) partials into (D,) and lse."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < num_splits
+    part_lse = tl.load(part_lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
+    m = tl.max(part_lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp(part_lse - m_safe)
+    total = tl.sum(weights, 0)
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(
+        part_out_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )
+    merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, merged)
+    tl.store(lse_ptr + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+@lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query is slow)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for so every SM has a few split-K programs in flight (small under the interpreter)."""
+    if device.type == "cuda":
+        return 4 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def dot_operand_type(q: torch.Tensor) -> tuple[object, str]:
+    """Operand dtype and input precision of the kernel's dots: q's half type, else exact fp32 ("ieee")."""
+    if q.dtype == torch.float16:
+        return tl.float16, "tf32"
+    if q.dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"
+    return tl.float32, "ieee"
+
+
+def scale_pointer_args(scale: torch.Tensor | None, field: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pointer stand-ins and strides for an optional scale/zero pair (unquantized stores have none)."""
+    if scale is None:
+        return field, (0, 0, 0, 0)
+    return scale, tuple(scale.stride())
+
+
+def require_triton() -> None:
+    """Raise a clear error when a *_triton function is called without triton installed."""
+    if not HAS_TRITON:
+        raise ValueError("triton is not installed: use the *_reference kernels or set KVPRESS_KERNELS=reference")
+
+
+def check_triton_head_dim(head_dim: int) -> None:
+    """The Triton kernels tile each half of the head dim as one power-of-two block of at least 16."""
+    half = head_dim // 2
+    if half < 16 or half & (half - 1):
+        raise ValueError(
+            f"Triton kernels need head_dim a power of two >= 32; got {head_dim} (use KVPRESS_KERNELS=reference)"
+        )
+
+
+def store_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of store_attention_reference (q (B, Hq, Q, D)); tile sizes and split count are tunable.
+
+    Rows of one program are (GQA head, query) pairs of one kv head, so each K/V tile is loaded once per
+    group. Splits > 1 write partials that a second kernel merges.
+    """
+    require_triton()
+    geo = check_store_args(
+        q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group, v_group
+    )
+    check_triton_head_dim(geo.head_dim)
+    batch, q_heads, num_queries, head_dim = q.shape
+    out = torch.empty(batch, q_heads, num_queries, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, q_heads, num_queries, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    rows = geo.group * num_queries
+    block_m = block_m or max(16, min(64, triton.next_power_of_2(rows)))
+    block_n = block_n or (64 if head_dim <= 128 else 32)
+    m_tiles = triton.cdiv(rows, block_m)
+    capacity = block_table.shape[1] * geo.page_size
+    if num_splits is None:
+        wanted = triton.cdiv(_target_programs(q.device), batch * geo.kv_heads * m_tiles)
+        num_splits = max(1, min(wanted, triton.cdiv(capacity, 4 * block_n), _MAX_SPLITS))
+    if num_splits == 1:
+        part_out, part_lse = out.unsqueeze(3), lse.unsqueeze(3)
+    else:
+        part_out = torch.empty(batch, q_heads, num_queries, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, q_heads, num_queries, num_splits, dtype=torch.float32, device=q.device)
+    ks, ks_strides = scale_pointer_args(k_scale, k)
+    kz, _ = scale_pointer_args(k_zero, k)
+    vs, vs_strides = scale_pointer_args(v_scale, v)
+    vz, _ = scale_pointer_args(v_zero, v)
+    dot_dtype, precision = dot_operand_type(q)
+    grid = (batch * geo.kv_heads, m_tiles, num_splits)
+    _split_attention_kernel[grid](
+        q, k, v, ks, kz, vs, vz, block_table, kv_start, kv_end, part_out, part_lse,
+        *q.stride(), *k.stride(), *ks_strides, *v.stride(), *vs_strides, block_table.stride(0),
+        *part_out.stride(), *part_lse.stride(),
+        geo.kv_heads, geo.group, num_queries, geo.page_size, num_splits, sm_scale * LOG2E,
+        HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n,
+        K_BITS=k_bits, V_BITS=v_bits, K_GROUP=geo.k_group, V_GROUP=geo.v_group,
+        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        num_warps=num_warps or (4 if block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages or 2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _combine_splits_kernel[(batch * q_heads * num_queries,)](
+            part_out, part_lse, out, lse, num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-decoding over the store: q (B, Hq, D) -> out (B, Hq, D), lse (B, Hq) float32 (split-K + merge)."""
+    _check_decode_query(q)
+    out, lse = store_attention_triton(
+        q.unsqueeze(2), k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end,
+        sm_scale, k_bits, v_bits, k_group, v_group,
+    )  # fmt: skip
+    return out.squeeze(2), lse.squeeze(2)

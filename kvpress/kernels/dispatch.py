@@ -1,0 +1,116 @@
+"""Public kernel entry points: pick the Triton kernel for CUDA inputs and the torch twin otherwise.
+
+The environment variable KVPRESS_KERNELS=triton|reference forces one backend (read at every call; Triton on
+CPU needs TRITON_INTERPRET=1 set before triton is imported).
+"""
+import os
+from typing import Any
+
+import torch
+
+from kvpress.kernels.decode import HAS_TRITON, decode_attention_reference, decode_attention_triton
+from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
+from kvpress.kernels.merge import merge_attention_states
+from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
+
+BACKEND_ENV = "KVPRESS_KERNELS"
+
+
+def kernel_backend(device: torch.device) -> str:
+    """Return "triton" or "reference" for inputs on `device`, honouring KVPRESS_KERNELS when set."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced == "reference":
+        return "reference"
+    if forced == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{BACKEND_ENV}=triton but triton is not installed; unset it or install triton")
+        return "triton"
+    if forced not in ("", "auto"):
+        raise ValueError(f"{BACKEND_ENV} must be 'triton', 'reference' or unset; got {forced!r}")
+    return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row/head over the store: q (B, Hq, D) -> out (B, Hq, D), natural-log lse (B, Hq), float32."""
+    impl = decode_attention_triton if kernel_backend(q.device) == "triton" else decode_attention_reference
+    return impl(q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end,
+                sm_scale, k_bits, v_bits, k_group, v_group)  # fmt: skip
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    v_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    v_bits: int,
+    k_group: int | None,
+    v_group: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q queries per row over all stored tokens, no causal mask: out (B, Hq, Q, D), lse (B, Hq, Q), float32."""
+    impl = extend_attention_triton if kernel_backend(q.device) == "triton" else extend_attention_reference
+    return impl(q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end,
+                sm_scale, k_bits, v_bits, k_group, v_group)  # fmt: skip
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    lse: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    k_group: int | None,
+) -> torch.Tensor:
+    """Attention mass per stored token (B, Hkv, max(kv_end)) float32, summed over GQA heads and queries."""
+    impl = attention_scores_triton if kernel_backend(q.device) == "triton" else attention_scores_reference
+    return impl(q, k, k_scale, k_zero, block_table, kv_start, kv_end, lse, sm_scale, k_bits, k_group)
+
+
+def quantize_store(*args: Any, **kwargs: Any) -> Any:
+    """Quantize tokens into the store (kvpress.kernels.quantize), Triton for CUDA inputs, torch otherwise."""
+    from kvpress.kernels import quantize  # lazy: written separately, imported only when used
+
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not tensors:
+        raise ValueError("quantize_store needs tensor arguments to choose a device")
+    if kernel_backend(tensors[0].device) == "triton":
+        return quantize.quantize_store_triton(*args, **kwargs)
+    return quantize.quantize_store_reference(*args, **kwargs)
+
+
+__all__ = [
+    "attention_scores",
+    "decode_attention",
+    "extend_attention",
+    "kernel_backend",
+    "merge_attention_states",
+    "quantize_store",
+]

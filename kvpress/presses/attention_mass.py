@@ -1,0 +1,166 @@
+"""Attention-mass helpers: how much softmax probability each stored key receives, computed in chunks so that no
+T x T matrix is ever built. Used by H2O (accumulated mass, decode-time victims) and SnapKV (observation window)."""
+import torch
+
+from kvpress.presses.base import forced_keep_mask
+from kvpress.presses.validation import (
+    check_keys,
+    check_non_negative_int,
+    check_per_token_scores,
+    check_queries,
+    check_sm_scale,
+    check_valid_mask,
+)
+
+
+def _masked_logits(
+    query_rows: torch.Tensor,
+    keys: torch.Tensor,
+    sm_scale: float,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """float32 logits (B, Hkv, R, K) of query rows (B, Hkv, R, D) against keys (B, Hkv, K, D); -inf where the key is
+    padding (key_valid (B, K) False) or lies after the query (key position > query position). key_positions must be
+    ascending."""
+    logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2)).mul_(sm_scale)
+    # Mask only what needs masking: most key chunks lie wholly before every query and hold no padding.
+    if not bool(key_valid.all()):
+        padding_bias = torch.zeros(key_valid.shape, dtype=logits.dtype, device=logits.device)
+        padding_bias.masked_fill_(~key_valid, float("-inf"))
+        logits.add_(padding_bias[:, None, None, :])
+    if key_positions.numel() and bool(key_positions[-1] > query_positions.min()):
+        in_future = key_positions[None, :] > query_positions[:, None]  # (R, K)
+        logits.masked_fill_(in_future, float("-inf"))
+    return logits
+
+
+def _group_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """View queries (B, Hq, Q, D) as (B, Hkv, G, Q, D): query head h belongs to kv head h // G."""
+    batch, q_heads, n_queries, head_dim = queries.shape
+    return queries.reshape(batch, kv_heads, q_heads // kv_heads, n_queries, head_dim)
+
+
+def _check_mass_inputs(
+    queries: torch.Tensor, keys: torch.Tensor, sm_scale: float, valid: torch.Tensor, causal_offset: int, chunk: int
+) -> None:
+    """Validate the common arguments of the attention-mass functions."""
+    check_queries(queries, keys)
+    check_sm_scale(sm_scale)
+    batch, _, n_tokens, _ = keys.shape
+    check_valid_mask(valid, batch, n_tokens)
+    check_non_negative_int(causal_offset, "causal_offset")
+    if causal_offset + queries.shape[2] > n_tokens:
+        raise ValueError(
+            f"queries sit at stored positions causal_offset .. causal_offset + Q - 1 = {causal_offset} .. "
+            f"{causal_offset + queries.shape[2] - 1}, beyond the {n_tokens} stored keys; store the chunk's keys first"
+        )
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
+
+
+def accumulate_attention_mass(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    sm_scale: float,
+    valid: torch.Tensor,
+    causal_offset: int,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Softmax probability mass (B, Hkv, T) float32 each stored key receives from the Q queries of a prefill chunk,
+    summed over the queries and over the query heads of each kv group.
+
+    Query i sits at stored position causal_offset + i and sees the real keys at positions <= its own. Queries at
+    padding positions contribute nothing. Processed `chunk` queries at a time: memory O(Hq * chunk * T).
+    """
+    _check_mass_inputs(queries, keys, sm_scale, valid, causal_offset, chunk)
+    batch, kv_heads, n_tokens, head_dim = keys.shape
+    grouped = _group_queries(queries, kv_heads)
+    group_size, n_queries = grouped.shape[2], grouped.shape[3]
+    key_positions = torch.arange(n_tokens, device=keys.device)
+    keys_f32 = keys.float()
+    mass = torch.zeros(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, group_size * (stop - start), head_dim)
+        positions = (causal_offset + torch.arange(start, stop, device=keys.device)).repeat(group_size)
+        logits = _masked_logits(rows, keys_f32, sm_scale, positions, key_positions, valid)
+        # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
+        probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+        query_is_real = valid[:, positions]  # (B, R)
+        mass += (probs * query_is_real[:, None, :, None]).sum(dim=2)
+    return mass
+
+
+def window_attention_mass(
+    queries: torch.Tensor, keys: torch.Tensor, sm_scale: float, valid: torch.Tensor, key_chunk: int = 1024
+) -> torch.Tensor:
+    """Softmax probability mass (B, Hkv, T) float32 that the last W prompt queries (B, Hq, W, D), the last one at
+    stored position T-1, give each key, summed over the queries and the query heads of each kv group.
+
+    Causal inside the window, padding keys masked, padding queries ignored. Two passes over key chunks (online
+    max/sum, then normalised probabilities), so memory is O(Hq * W * key_chunk), never W x T or T x T at once.
+    """
+    batch, kv_heads, n_tokens, head_dim = check_keys(keys)
+    if queries.dim() == 4 and queries.shape[2] > n_tokens:
+        raise ValueError(
+            f"the window has {queries.shape[2]} queries but only {n_tokens} tokens are stored; pass at most the last "
+            f"T prompt queries"
+        )
+    _check_mass_inputs(queries, keys, sm_scale, valid, n_tokens - queries.shape[2], key_chunk)
+    grouped = _group_queries(queries, kv_heads)
+    group_size, window = grouped.shape[2], grouped.shape[3]
+    rows = grouped.reshape(batch, kv_heads, group_size * window, head_dim).float()
+    query_positions = (n_tokens - window + torch.arange(window, device=keys.device)).repeat(group_size)
+    query_is_real = valid[:, query_positions][:, None, :]  # (B, 1, R)
+
+    def chunk_logits(start: int, stop: int) -> torch.Tensor:
+        key_positions = torch.arange(start, stop, device=keys.device)
+        return _masked_logits(rows, keys[:, :, start:stop], sm_scale, query_positions, key_positions,
+                              valid[:, start:stop])
+
+    row_max = torch.full(rows.shape[:3], float("-inf"), device=keys.device)
+    row_sum = torch.zeros(rows.shape[:3], device=keys.device)
+    for start in range(0, n_tokens, key_chunk):
+        logits = chunk_logits(start, min(start + key_chunk, n_tokens))
+        new_max = torch.maximum(row_max, logits.amax(dim=-1))
+        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        row_sum = row_sum * torch.exp(row_max - shift) + logits.sub_(shift[..., None]).exp_().sum(dim=-1)
+        row_max = new_max
+
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    inverse_sum = torch.where(row_sum > 0, 1.0 / row_sum, torch.zeros_like(row_sum)) * query_is_real
+    mass = torch.empty(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
+    for start in range(0, n_tokens, key_chunk):
+        stop = min(start + key_chunk, n_tokens)
+        probs = chunk_logits(start, stop).sub_(shift[..., None]).exp_().mul_(inverse_sum[..., None])
+        mass[:, :, start:stop] = probs.sum(dim=2)
+    return mass
+
+
+def decode_victims(
+    mass: torch.Tensor, n_evict: int, n_sink: int, recent: int, valid: torch.Tensor
+) -> torch.Tensor:
+    """Indices (B, Hkv, n_evict) int64, sorted ascending, of the stored tokens to evict during decoding: padding first,
+    then the real tokens with the lowest accumulated mass; the first n_sink real tokens and the last `recent` tokens of
+    each row are never chosen."""
+    if mass.dim() != 3:
+        raise ValueError(f"mass must have shape (B, Hkv, T); got {tuple(mass.shape)}")
+    batch, _, n_tokens = mass.shape
+    check_per_token_scores(mass, "mass", tuple(mass.shape))
+    check_valid_mask(valid, batch, n_tokens)
+    check_non_negative_int(n_sink, "n_sink")
+    check_non_negative_int(recent, "recent")
+    evictable = n_tokens - n_sink - recent
+    if isinstance(n_evict, bool) or not isinstance(n_evict, int) or not 0 <= n_evict <= max(evictable, 0):
+        raise ValueError(
+            f"n_evict must be an integer in [0, T - n_sink - recent] = [0, {max(evictable, 0)}] "
+            f"(T={n_tokens}, n_sink={n_sink}, recent={recent}); got {n_evict!r}"
+        )
+    finite_max = torch.finfo(torch.float32).max
+    ranked = torch.nan_to_num(mass.float(), nan=finite_max, posinf=finite_max, neginf=-finite_max)
+    ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
+    ranked = ranked.masked_fill(forced_keep_mask(valid, n_sink, recent)[:, None, :], float("inf"))
+    victims = torch.topk(ranked, n_evict, dim=-1, largest=False, sorted=False).indices
+    return torch.sort(victims, dim=-1).values.to(torch.int64)

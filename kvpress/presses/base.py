@@ -1,0 +1,144 @@
+"""Base class of the eviction presses: budget arithmetic (n_keep) and the shared top-k selection (select_indices).
+
+A press only decides *which* stored tokens to keep; the cache gathers them. Presses are pure torch and know nothing
+about the cache, the attention function or transformers.
+"""
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvpress.presses.validation import check_non_negative_int, check_per_token_scores, check_valid_mask
+
+# Slack for floating-point error in (1 - ratio) * n: e.g. (1 - 0.7) * 10 == 3.0000000000000004 must keep 3, not 4.
+_ROUNDING_SLACK = 1e-9
+
+
+def forced_keep_mask(valid: torch.Tensor, n_sink: int, recent: int) -> torch.Tensor:
+    """(B, T) bool mask of tokens a press must never drop: the first `n_sink` real tokens of each row and its last
+    `recent` real tokens. Padding (valid == False) is never forced."""
+    n_tokens = valid.shape[-1]
+    real_rank = torch.cumsum(valid.to(torch.int64), dim=-1) - 1  # 0 for the first real token of the row
+    is_sink = valid & (real_rank < n_sink)
+    positions = torch.arange(n_tokens, device=valid.device)
+    is_recent = valid & (positions >= n_tokens - recent)
+    return is_sink | is_recent
+
+
+def select_indices(
+    scores: torch.Tensor, n_keep: int, valid: torch.Tensor, n_sink: int = 0, recent: int = 0
+) -> torch.Tensor:
+    """Indices (B, Hkv, n_keep) int64, sorted ascending, of the n_keep highest-scoring tokens of every head.
+
+    Sinks and recent tokens (see forced_keep_mask) rank above every real token, padding below every real token, so
+    padding is kept only when a row has fewer than n_keep real tokens (it sits at the start of the row, so it comes
+    first in the sorted indices and the caller keeps it masked). NaN or infinite press scores are clamped to the
+    finite range so that they cannot cross these tiers. If n_keep is smaller than the number of forced tokens, an
+    arbitrary subset of them is kept.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must have shape (B, Hkv, T); got {tuple(scores.shape)}")
+    batch, _, n_tokens = scores.shape
+    check_valid_mask(valid, batch, n_tokens)
+    check_non_negative_int(n_sink, "n_sink")
+    check_non_negative_int(recent, "recent")
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 0 <= n_keep <= n_tokens:
+        raise ValueError(f"n_keep must be an integer in [0, T={n_tokens}]; got {n_keep!r}")
+
+    finite_max = torch.finfo(torch.float32).max
+    ranked = torch.nan_to_num(scores.float(), nan=-finite_max, posinf=finite_max, neginf=-finite_max)
+    ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
+    ranked = ranked.masked_fill(forced_keep_mask(valid, n_sink, recent)[:, None, :], float("inf"))
+    kept = torch.topk(ranked, n_keep, dim=-1, sorted=False).indices
+    return torch.sort(kept, dim=-1).values.to(torch.int64)
+
+
+@dataclass
+class BasePress(ABC):
+    """Common budget fields of every eviction press; subclasses implement score() (higher = more important).
+
+    compression_ratio is the fraction of stored tokens REMOVED at prefill (0.0 keeps all); max_tokens optionally caps
+    the tokens kept per head; the first n_sink real tokens and the last `recent` tokens are always kept.
+    """
+
+    compression_ratio: float = 0.0
+    max_tokens: int | None = None
+    n_sink: int = 0
+    recent: int = 0
+
+    needs_attention_mass: ClassVar[bool] = False
+    """True when score() needs the accumulated attention mass (the cache must then compute it during prefill)."""
+
+    def __post_init__(self) -> None:
+        """Validate the budget fields so that a bad configuration fails at construction time."""
+        name = type(self).__name__
+        ratio = self.compression_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(
+                f"{name}: compression_ratio is the fraction of tokens removed and must be in [0, 1); got {ratio!r}"
+            )
+        self.compression_ratio = float(ratio)
+        check_non_negative_int(self.n_sink, f"{name}.n_sink")
+        check_non_negative_int(self.recent, f"{name}.recent")
+        if self.max_tokens is not None:
+            floor = self.n_sink + self.recent + 1
+            if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < floor:
+                raise ValueError(
+                    f"{name}: max_tokens must be an integer >= n_sink + recent + 1 = {floor} "
+                    f"(n_sink={self.n_sink}, recent={self.recent}); got {self.max_tokens!r}. "
+                    f"Raise max_tokens or lower n_sink/recent."
+                )
+
+    @property
+    def query_window(self) -> int:
+        """How many trailing prompt queries score() needs (0: it needs none and may be passed queries=None)."""
+        return 0
+
+    def n_keep(self, n_tokens: int) -> int:
+        """Tokens kept per head after prefill of n_tokens stored tokens: ceil((1 - compression_ratio) * n_tokens).
+
+        Rounding up means ratio 0 keeps everything and any ratio keeps at least one token of a non-empty prompt. The
+        result is then capped by max_tokens and never goes below min(n_tokens, n_sink + recent).
+        """
+        check_non_negative_int(n_tokens, "n_tokens")
+        keep = math.ceil((1.0 - self.compression_ratio) * n_tokens - _ROUNDING_SLACK)
+        keep = min(max(keep, 0), n_tokens)
+        if self.max_tokens is not None:
+            keep = min(keep, self.max_tokens)
+        return max(keep, min(n_tokens, self.n_sink + self.recent))
+
+    @abstractmethod
+    def score(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        attention_mass: torch.Tensor | None,
+        sm_scale: float,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Importance (B, Hkv, T) float32 of each stored token, higher = keep; GQA heads aggregated per kv group.
+
+        keys/values (B, Hkv, T, D); queries (B, Hq, W, D) = the last W prompt queries after RoPE (the last one at
+        stored position T-1) or None; attention_mass (B, Hkv, T) or None; valid (B, T) marks real (non-padding) tokens.
+        """
+
+    def select(self, scores: torch.Tensor, n_keep: int, valid: torch.Tensor) -> torch.Tensor:
+        """Indices (B, Hkv, n_keep) int64 sorted ascending of the tokens to keep; see select_indices."""
+        return select_indices(scores, n_keep, valid, self.n_sink, self.recent)
+
+    def keep_indices(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor | None,
+        attention_mass: torch.Tensor | None,
+        sm_scale: float,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Convenience for the cache: score, then select n_keep(T) tokens per head. Returns (B, Hkv, n_keep) int64."""
+        scores = self.score(keys, values, queries, attention_mass, sm_scale, valid)
+        check_per_token_scores(scores, f"{type(self).__name__}.score output", tuple(keys.shape[:3]))
+        return self.select(scores, self.n_keep(keys.shape[2]), valid)

@@ -1,0 +1,103 @@
+"""Asymmetric per-group min/max quantization of KV vectors to 8 or 4 bits (pure torch).
+
+Per group with minimum `lo` and maximum `hi` (float32), with `L = 2**bits` levels:
+  zero  = fp16_round_down(lo + (hi - lo) * (0.5 / L))
+  scale = fp16_round_up(max((hi - zero) / (L - 0.5), 2 * (zero - lo), SCALE_FLOOR))
+  q     = clamp(floor((x - zero) / scale + 0.5), 0, L - 1)
+Scale and zero are rounded to fp16 *before* quantizing, and the scale is chosen against the rounded
+zero so that the grid [zero - scale/2, zero + (L - 0.5) * scale] covers [lo, hi]: clamping never adds
+error and every element satisfies |x - (q * scale + zero)| <= scale / 2 (up to fp32 rounding).
+Rounding the zero down costs the scale only (rounding error) / (L - 0.5); rounding it up would cost 2x.
+Every step is an IEEE op (the divisions are true divisions), so kernels can reproduce the bytes exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvpress.quant.groups import check_bits, code_width, effective_group_size
+from kvpress.quant.packing import pack_int4, unpack_int4
+
+SCALE_FLOOR = 2.0**-24  # smallest positive fp16: constant groups still get a nonzero scale
+FP16_MAX = 65504.0
+
+
+def round_up_to_fp16(value: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest fp16 that is >= them (the grid must keep covering the data)."""
+    nearest = value.to(torch.float16)
+    bits = nearest.view(torch.int16)
+    # fp16 is sign-magnitude: one step towards +inf is +1 on the bits if positive, -1 if negative.
+    next_up = torch.where(bits >= 0, bits + 1, bits - 1).view(torch.float16)
+    return torch.where(nearest.float() < value, next_up, nearest)
+
+
+def round_down_to_fp16(value: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest fp16 that is <= them."""
+    return -round_up_to_fp16(-value)
+
+
+def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) for groups with float32 minima `lo` and maxima `hi` (formula in module doc)."""
+    levels = 2 ** check_bits(bits)
+    zero = round_down_to_fp16(lo + (hi - lo) * (0.5 / levels))
+    zero_f = zero.float()
+    # A 0-dim tensor on the same device keeps this a true IEEE division on every backend
+    # (a Python scalar divisor becomes a reciprocal multiply on CUDA).
+    steps = torch.full((), levels - 0.5, dtype=torch.float32, device=lo.device)
+    needed = torch.maximum((hi - zero_f) / steps, (zero_f - lo) * 2.0).clamp_min_(SCALE_FLOOR)
+    return round_up_to_fp16(needed), zero
+
+
+def quantize(
+    x: torch.Tensor, bits: int, group_size: int | None, *, check_finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `x[..., D]` to (codes uint8 `[..., D or D/2]`, scale fp16 `[..., G]`, zero fp16 `[..., G]`).
+
+    4-bit codes are packed with split halves. Raises ValueError if `x` holds NaN/inf or a group whose
+    scale or zero overflows fp16 (checked on the G-sized scale/zero, so it is cheap); check_finite=False
+    skips the check (NaN input then gives NaN scale/zero).
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0:
+        raise ValueError("quantize expects a floating-point tensor with head_dim as its last dimension")
+    head_dim = x.shape[-1]
+    group = effective_group_size(head_dim, bits, group_size)
+    grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
+    lo, hi = torch.aminmax(grouped, dim=-1)
+    scale, zero = group_scale_zero(lo, hi, bits)
+    if check_finite and not bool((torch.isfinite(scale) & torch.isfinite(zero)).all()):
+        raise ValueError(
+            "quantize got NaN/inf, or a group whose scale or zero overflows the fp16 range; clean or rescale the input"
+        )
+    codes = ((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 0.5).floor_()
+    codes = codes.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(x.shape)
+    if bits == 4:
+        codes = pack_int4(codes)
+    return codes, scale, zero
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuild `x[..., head_dim]` = q * scale + zero (computed in float32, returned as `dtype`)."""
+    group = effective_group_size(head_dim, bits, group_size)
+    n_groups = head_dim // group
+    if q.dtype != torch.uint8 or q.dim() == 0 or q.shape[-1] != code_width(head_dim, bits):
+        raise ValueError(
+            f"dequantize expects uint8 codes with last dim {code_width(head_dim, bits)} for {bits}-bit "
+            f"head_dim={head_dim}, got {q.dtype} {tuple(q.shape)}"
+        )
+    lead = q.shape[:-1]
+    if scale.shape != (*lead, n_groups) or zero.shape != scale.shape:
+        raise ValueError(
+            f"dequantize expects scale and zero of shape {(*lead, n_groups)}, "
+            f"got {tuple(scale.shape)} and {tuple(zero.shape)}"
+        )
+    codes = unpack_int4(q) if bits == 4 else q
+    grouped = codes.reshape(*lead, n_groups, group).float()
+    out = torch.addcmul(zero.float().unsqueeze(-1), grouped, scale.float().unsqueeze(-1))
+    return out.reshape(*lead, head_dim).to(dtype)

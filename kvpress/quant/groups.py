@@ -1,0 +1,53 @@
+"""Group geometry along head_dim: which group sizes a field of D elements and a bit width allows.
+
+Shared by the spec, the codec and the kernels so all of them accept and reject the same shapes.
+"""
+from __future__ import annotations
+
+SUPPORTED_BITS = (4, 8)
+
+
+def check_bits(bits: int) -> int:
+    """Return `bits` if it is a supported code width (4 or 8), else raise ValueError."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def effective_group_size(head_dim: int, bits: int, group_size: int | None) -> int:
+    """Return the number of head-dim elements per group (None means one group of head_dim).
+
+    Raises ValueError if the group does not tile head_dim, or, for 4-bit codes, if it would straddle
+    the two packed halves (it must divide head_dim / 2 or equal head_dim; see docs/STORAGE_LAYOUT.md).
+    """
+    check_bits(bits)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if bits == 4 and head_dim % 2:
+        raise ValueError(f"4-bit codes pack two values per byte, so head_dim must be even; got {head_dim}")
+    if group_size is None or group_size == head_dim:
+        return head_dim
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if bits == 4:
+        if (head_dim // 2) % group_size:
+            raise ValueError(
+                f"a 4-bit group_size must divide head_dim/2={head_dim // 2} or equal head_dim={head_dim}; "
+                f"got {group_size} (pick a smaller power of two, or None for one group)"
+            )
+    elif head_dim % group_size:
+        raise ValueError(
+            f"group_size must divide head_dim={head_dim}; got {group_size} (or use None for one group)"
+        )
+    return group_size
+
+
+def group_count(head_dim: int, bits: int, group_size: int | None) -> int:
+    """Number of (scale, zero) pairs per token and head: head_dim / effective group size."""
+    return head_dim // effective_group_size(head_dim, bits, group_size)
+
+
+def code_width(head_dim: int, bits: int) -> int:
+    """Bytes of codes per token and head: head_dim for 8-bit, head_dim / 2 for packed 4-bit."""
+    check_bits(bits)
+    return head_dim if bits == 8 else head_dim // 2

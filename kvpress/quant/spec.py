@@ -1,0 +1,103 @@
+"""QuantSpec: which bit widths and groupings the KV cache uses, and how many tokens stay full precision.
+
+Parsed from short strings such as "int8-int4" or "int8-int4:g32:r128:s4" so configs and CLIs stay terse.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from kvpress.quant.groups import SUPPORTED_BITS, code_width, group_count
+
+ACCEPTED_FORMS = (
+    "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int8' (both 8-bit), "
+    "'int4' (both 4-bit), each optionally followed by ':'-separated options "
+    "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
+    "e.g. 'int8-int4:g32:r128:s4'"
+)
+_BITS_PATTERN = re.compile(r"^int(\d+)(?:-int(\d+))?$")
+_OPTION_PATTERN = re.compile(r"^(kg|g|r|s)(\d+|none)$")
+_OPTION_FIELDS = {"kg": "k_group_size", "g": "group_size", "r": "residual", "s": "n_sink"}
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """KV quantization settings: key/value bits, group sizes along head_dim (None = one group of D),
+    `residual` most recent tokens and `n_sink` first tokens kept in full precision."""
+
+    k_bits: int = 8
+    v_bits: int = 4
+    k_group_size: int | None = None
+    group_size: int | None = 32
+    residual: int = 128
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("k_bits", "v_bits"):
+            bits = getattr(self, name)
+            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+                raise ValueError(f"QuantSpec.{name} must be one of {SUPPORTED_BITS}, got {bits!r}")
+        for name in ("k_group_size", "group_size"):
+            size = getattr(self, name)
+            if size is None:
+                continue
+            if isinstance(size, bool) or not isinstance(size, int) or not _is_power_of_two(size):
+                raise ValueError(f"QuantSpec.{name} must be a positive power of two or None, got {size!r}")
+        for name in ("residual", "n_sink"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"QuantSpec.{name} must be an int >= 0, got {count!r}")
+
+    @classmethod
+    def parse(cls, spec: str | QuantSpec | None) -> QuantSpec:
+        """Build a QuantSpec from a string (see ACCEPTED_FORMS), pass one through, or default for None."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, QuantSpec):
+            return spec
+        if not isinstance(spec, str):
+            raise ValueError(f"cannot parse a QuantSpec from {type(spec).__name__}; accepted: {ACCEPTED_FORMS}")
+        head, *options = spec.strip().lower().split(":")
+        match = _BITS_PATTERN.match(head)
+        if match is None:
+            raise ValueError(f"unknown quantization spec {spec!r}; accepted: {ACCEPTED_FORMS}")
+        k_bits = int(match.group(1))
+        v_bits = int(match.group(2)) if match.group(2) else k_bits
+        if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bit width in {spec!r}; accepted: {ACCEPTED_FORMS}")
+        result = cls(k_bits=k_bits, v_bits=v_bits)
+        for option in options:
+            opt = _OPTION_PATTERN.match(option.strip())
+            if opt is None:
+                raise ValueError(f"unknown option {option!r} in quantization spec {spec!r}; accepted: {ACCEPTED_FORMS}")
+            key, raw = opt.groups()
+            if raw == "none" and key not in ("g", "kg"):
+                raise ValueError(f"option {option!r} needs a number; accepted: {ACCEPTED_FORMS}")
+            result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)})
+        return result
+
+    def __str__(self) -> str:
+        """Canonical string form; QuantSpec.parse(str(spec)) == spec."""
+        def size(n: int | None) -> str:
+            return "none" if n is None else str(n)
+
+        return (
+            f"int{self.k_bits}-int{self.v_bits}:kg{size(self.k_group_size)}:g{size(self.group_size)}"
+            f":r{self.residual}:s{self.n_sink}"
+        )
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ValueError if a group size does not fit head_dim (4-bit groups must divide D/2 or equal D)."""
+        group_count(head_dim, self.k_bits, self.k_group_size)
+        group_count(head_dim, self.v_bits, self.group_size)
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        """Bytes one quantized token uses per kv-head: K and V codes plus fp16 scale and zero per group."""
+        self.check_head_dim(head_dim)
+        k_bytes = code_width(head_dim, self.k_bits) + 4 * group_count(head_dim, self.k_bits, self.k_group_size)
+        v_bytes = code_width(head_dim, self.v_bits) + 4 * group_count(head_dim, self.v_bits, self.group_size)
+        return k_bytes + v_bytes

@@ -1,0 +1,212 @@
+"""A layer's stored tokens as runs ("segments") that are contiguous in logical order, each with one encoding.
+
+Unquantized layers have one fp segment. Quantized layers have three: the first `n_sink` tokens in full precision,
+the quantized middle, and a full-precision window of the most recent tokens that is flushed to the middle in blocks.
+Attention is order-free, so each segment is attended separately and the partial results are merged; presses see the
+concatenation in logical order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import decode_attention, extend_attention, attention_scores
+from .paged.contiguous import ContiguousStore
+from .quant.codec import dequantize, quantize
+
+FLUSH_BLOCK = 16  # window tokens quantized together once the window holds residual + FLUSH_BLOCK tokens
+
+
+class Segment:
+    """One run of tokens: a contiguous store plus how its tokens are encoded (bits 16 = unquantized)."""
+
+    def __init__(self, k_bits: int = 16, v_bits: int = 16, k_group: int | None = None, v_group: int | None = None):
+        self.store = ContiguousStore()
+        self.k_bits, self.v_bits, self.k_group, self.v_group = k_bits, v_bits, k_group, v_group
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_bits < 16
+
+    @property
+    def length(self) -> int:
+        return self.store.length
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode tokens (B, H, N, D) into this segment's fields."""
+        if not self.quantized:
+            return {"k": k, "v": v}
+        kq, ks, kz = quantize(k, self.k_bits, self.k_group)
+        vq, vs, vz = quantize(v, self.v_bits, self.v_group)
+        return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
+
+    def decode(self, fields: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype):
+        """Full-precision (K, V) of encoded fields."""
+        if not self.quantized:
+            return fields["k"], fields["v"]
+        k = dequantize(fields["k"], fields["k_scale"], fields["k_zero"], self.k_bits, self.k_group, head_dim, dtype)
+        v = dequantize(fields["v"], fields["v_scale"], fields["v_zero"], self.v_bits, self.v_group, head_dim, dtype)
+        return k, v
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {name: self.store.view(name) for name in self.store.fields}
+
+    def kernel_args(self) -> tuple:
+        f = self.store.fields
+        return (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"),
+                self.store.block_table())
+
+    def span(self, kv_start: torch.Tensor | None, offset: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row [start, end) of this segment's attended tokens, given the layer-wide padding start."""
+        end = torch.full((batch,), self.length, dtype=torch.int32, device=device)
+        if kv_start is None:
+            return torch.zeros_like(end), end
+        return (kv_start.to(device) - offset).clamp(0, self.length).to(torch.int32), end
+
+    def attend(self, q: torch.Tensor, kv_start, offset: int, sm_scale: float):
+        """Partial attention (out, lse) of q (B, Hq, Q, D) over this segment."""
+        start, end = self.span(kv_start, offset, q.shape[0], q.device)
+        k, v, ks, kz, vs, vz, table = self.kernel_args()
+        args = (k, v, ks, kz, vs, vz, table, start, end, sm_scale, self.k_bits, self.v_bits, self.k_group, self.v_group)
+        if q.shape[2] == 1:
+            out, lse = decode_attention(q[:, :, 0], *args)
+            return out[:, :, None], lse[:, :, None]
+        return extend_attention(q, *args)
+
+    def scores(self, q: torch.Tensor, lse: torch.Tensor, kv_start, offset: int, sm_scale: float) -> torch.Tensor:
+        """Attention probability mass per token of this segment (B, Hkv, length), given the final lse."""
+        start, end = self.span(kv_start, offset, q.shape[0], q.device)
+        f = self.store.fields
+        return attention_scores(q, f["k"], f.get("k_scale"), f.get("k_zero"), self.store.block_table(), start, end,
+                                lse, sm_scale, self.k_bits, self.k_group)
+
+
+class SegmentedKV:
+    """The ordered segments of one layer and the operations that keep them in logical order."""
+
+    def __init__(self, quant=None) -> None:
+        self.quant = quant
+        if quant is None:
+            self.sink = None
+            self.main = Segment()
+            self.window = None
+        else:
+            self.sink = Segment()
+            self.main = Segment(quant.k_bits, quant.v_bits, quant.k_group_size, quant.group_size)
+            self.window = Segment()
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [s for s in (self.sink, self.main, self.window) if s is not None]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    @property
+    def batch_size(self) -> int:
+        return max(s.store.batch_size for s in self.segments)
+
+    def offsets(self) -> list[tuple[Segment, int]]:
+        out, offset = [], 0
+        for seg in self.segments:
+            out.append((seg, offset))
+            offset += seg.length
+        return out
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens at the logical end: sinks first, the newest `residual` in the fp window, rest quantized."""
+        if self.quant is None:
+            self.main.store.append({"k": k, "v": v})
+            return
+        n_sink = max(0, min(self.quant.n_sink - self.sink.length, k.shape[2]))
+        if n_sink:
+            self.sink.store.append({"k": k[:, :, :n_sink], "v": v[:, :, :n_sink]})
+            k, v = k[:, :, n_sink:], v[:, :, n_sink:]
+        if k.shape[2]:
+            self.window.store.append({"k": k, "v": v})
+            self._flush(self.quant.residual + (FLUSH_BLOCK if k.shape[2] == 1 else 0))
+
+    def _flush(self, keep: int) -> None:
+        """Move the oldest window tokens to the quantized middle until at most `keep` remain (only full blocks)."""
+        excess = self.window.length - keep
+        if excess <= 0:
+            return
+        if keep > self.quant.residual:  # decode: flush whole blocks down to the residual size
+            excess = self.window.length - self.quant.residual
+        k, v = self.window.store.view("k")[:, :, :excess], self.window.store.view("v")[:, :, :excess]
+        self.main.store.append(self.main.encode(k, v))
+        self.window.store.drop_front(excess)
+
+    def dequantized(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision K, V (B, H, T, D) of every stored token in logical order (views when unquantized)."""
+        if self.quant is None:
+            return self.main.store.view("k"), self.main.store.view("v")
+        ks, vs = [], []
+        for seg in self.segments:
+            if seg.length:
+                k, v = seg.decode(seg.views(), head_dim, dtype)
+                ks.append(k)
+                vs.append(v)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    def keep(self, idx: torch.Tensor, k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None) -> None:
+        """Keep tokens idx (B, H, K) of the logical order; re-split into sink / quantized / window segments.
+
+        Tokens that stay quantized keep their codes (never re-quantized); fp tokens entering the middle are encoded.
+        """
+        if self.quant is None:
+            self.main.store.keep(idx)
+            return
+        n_keep = idx.shape[2]
+        n_sink = min(self.quant.n_sink, n_keep)
+        n_window = min(self.quant.residual, n_keep - n_sink)
+        n_main = n_keep - n_sink - n_window
+        if n_main:
+            candidates = self._quantized_candidates(k_all, v_all)
+            main_idx = idx[:, :, n_sink : n_sink + n_main]
+            fields = {name: _gather(t, main_idx) for name, t in candidates.items()}
+            self.main.store.clear()
+            self.main.store.append(fields)
+        else:
+            self.main.store.clear()
+        for seg, sel in ((self.sink, idx[:, :, :n_sink]), (self.window, idx[:, :, n_keep - n_window :])):
+            seg.store.clear()
+            if sel.shape[2]:
+                seg.store.append({"k": _gather(k_all, sel), "v": _gather(v_all, sel)})
+
+    def _quantized_candidates(self, k_all: torch.Tensor, v_all: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantized fields of every stored token in logical order: existing codes reused, fp tokens encoded."""
+        parts = []
+        for seg, offset in self.offsets():
+            if not seg.length:
+                continue
+            if seg is self.main:
+                parts.append(seg.views())
+            else:
+                sl = slice(offset, offset + seg.length)
+                parts.append(self.main.encode(k_all[:, :, sl], v_all[:, :, sl]))
+        return {name: torch.cat([p[name] for p in parts], dim=2) for name in parts[0]}
+
+    def evict_main(self, idx_main: torch.Tensor) -> None:
+        """Decode-time eviction inside the quantized (or only) segment: keep tokens idx_main (B, H, K) of it."""
+        self.main.store.compact(idx_main)
+
+    def index_batch(self, rows: torch.Tensor) -> None:
+        for seg in self.segments:
+            if seg.length:
+                seg.store.index_batch(rows)
+
+    def nbytes(self) -> int:
+        return sum(seg.store.nbytes() for seg in self.segments)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for seg in self.segments for t in seg.store.tensors()]
+
+    def clear(self) -> None:
+        for seg in self.segments:
+            seg.store.clear()
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    index = idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+    return torch.gather(t, 2, index.to(t.device))

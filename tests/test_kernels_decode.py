@@ -1,0 +1,110 @@
+"""decode_attention: the torch twin equals plain float64 attention over independently dequantized K/V, and the
+Triton kernel (interpreted on CPU) equals the twin, on contiguous and paged, fp and int8-K/int4-V stores.
+
+Tolerances: fp32 queries use exact fp32 dots in both versions, so outputs agree to 1e-4 (abs + rel) - well
+inside the 1e-3 budget; fp16 queries make the kernel's dot operands fp16 (like flash attention), 2e-2 abs.
+"""
+import math
+
+import pytest
+import torch
+from test_kernels_fixtures import DEVICE, make_store, plain_attention
+
+from kvpress.kernels.decode import (
+    decode_attention_reference,
+    decode_attention_triton,
+    gather_tokens,
+    store_attention_triton,
+)
+
+# (kv_heads, group, head_dim, k_bits, v_bits, k_group, v_group, store dtype, page_size)
+CASES = {
+    "fp32-mha-contiguous": (2, 1, 64, 16, 16, None, None, torch.float32, None),
+    "fp16-gqa4-paged": (2, 4, 64, 16, 16, None, None, torch.float16, 16),
+    "int8k-int4v-gqa4-contiguous": (2, 4, 64, 8, 4, 16, 16, torch.float32, None),
+    "int8k-int4v-gqa8-paged": (1, 8, 128, 8, 4, 32, 64, torch.float32, 16),
+    "int4k-int8v-gqa1-paged": (2, 1, 64, 4, 8, 64, 32, torch.float32, 16),
+    "bf16-gqa8-d256-contiguous": (1, 8, 256, 16, 16, None, None, torch.bfloat16, None),
+}
+RAGGED = ([0, 5, 7, 0], [37, 70, 7, 100])  # row 2 is empty; lengths are not multiples of any block size
+
+
+def _store(case: str, seed: int = 0):
+    kv_heads, group, head_dim, k_bits, v_bits, k_group, v_group, dtype, page_size = CASES[case]
+    store = make_store(*RAGGED, kv_heads, head_dim, k_bits, v_bits, k_group, v_group, dtype, page_size, seed)
+    q = torch.randn(len(RAGGED[0]), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(seed + 1))
+    return store, q.to(DEVICE), 1.0 / math.sqrt(head_dim)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_equals_plain_attention_over_dequantized_store(case: str) -> None:
+    store, q, sm_scale = _store(case)
+    out, lse = decode_attention_reference(q, *store.args(), sm_scale, *store.bits())
+    expected_out, expected_lse = plain_attention(q.unsqueeze(2), store, sm_scale)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and out.shape == q.shape
+    torch.testing.assert_close(out.cpu().double(), expected_out.squeeze(2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse.squeeze(2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_equals_reference(case: str) -> None:
+    store, q, sm_scale = _store(case, seed=7)
+    out, lse = decode_attention_triton(q, *store.args(), sm_scale, *store.bits())
+    ref_out, ref_lse = decode_attention_reference(q, *store.args(), sm_scale, *store.bits())
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_rows_give_zero_output_and_minus_inf_lse() -> None:
+    store, q, sm_scale = _store("int8k-int4v-gqa4-contiguous")
+    for impl in (decode_attention_reference, decode_attention_triton):
+        out, lse = impl(q, *store.args(), sm_scale, *store.bits())
+        assert bool((out[2] == 0).all()) and bool((lse[2] == -math.inf).all())
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse[[0, 1, 3]]).all())
+
+
+@pytest.mark.parametrize("num_splits,block_n", [(1, 16), (5, 16), (64, 32)])
+def test_split_counts_do_not_change_the_result(num_splits: int, block_n: int) -> None:
+    store, q, sm_scale = _store("int8k-int4v-gqa8-paged", seed=3)
+    out, lse = store_attention_triton(
+        q.unsqueeze(2), *store.args(), sm_scale, *store.bits(), block_n=block_n, num_splits=num_splits
+    )
+    ref_out, ref_lse = decode_attention_reference(q, *store.args(), sm_scale, *store.bits())
+    torch.testing.assert_close(out.squeeze(2), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.squeeze(2), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_half_precision_queries_stay_close() -> None:
+    store, q, sm_scale = _store("int8k-int4v-gqa4-contiguous", seed=11)
+    out, lse = decode_attention_triton(q.half(), *store.args(), sm_scale, *store.bits())
+    ref_out, ref_lse = decode_attention_reference(q.half(), *store.args(), sm_scale, *store.bits())
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
+
+
+def test_contiguous_store_is_sliced_without_copy() -> None:
+    store, _, _ = _store("fp32-mha-contiguous")
+    view = gather_tokens(store.k, store.block_table, 3, 50, contiguous=True)
+    assert view.data_ptr() == store.k[:, :, 3:].data_ptr() and view.shape[2] == 47
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    store, q, sm_scale = _store("int8k-int4v-gqa4-contiguous")
+    args = store.args()
+    with pytest.raises(ValueError, match="decode q"):
+        decode_attention_reference(q.unsqueeze(2), *args, sm_scale, *store.bits())
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        decode_attention_reference(q[:, :3], *args, sm_scale, *store.bits())
+    with pytest.raises(ValueError, match="v last dim"):
+        decode_attention_reference(q, *args, sm_scale, 8, 8, 16, 16)
+    with pytest.raises(ValueError, match="k_group=32 disagrees"):
+        decode_attention_reference(q, *args, sm_scale, 8, 4, 32, 16)
+    with pytest.raises(ValueError, match="k_scale and k_zero are required"):
+        decode_attention_reference(q, store.k, store.v, None, None, *args[4:], sm_scale, *store.bits())
+    with pytest.raises(ValueError, match="kv_start <= kv_end"):
+        bad_end = store.kv_end.clone()
+        bad_end[0] = 10_000
+        decode_attention_reference(q, *args[:8], bad_end, sm_scale, *store.bits())
+    with pytest.raises(ValueError, match="power of two"):
+        odd = make_store([0], [5], 1, 48)
+        decode_attention_triton(torch.randn(1, 1, 48, device=DEVICE), *odd.args(), 1.0, *odd.bits())

@@ -1,0 +1,100 @@
+"""Tests of the chunked attention-mass helpers against full attention weights, and of decode-time victim choice."""
+import pytest
+import torch
+
+from kvpress.presses import accumulate_attention_mass, decode_victims, window_attention_mass
+
+
+def reference_mass(
+    queries: torch.Tensor, keys: torch.Tensor, sm_scale: float, valid: torch.Tensor, causal_offset: int
+) -> torch.Tensor:
+    """Full (unchunked) attention weights, causal and padding-masked, summed over queries and each group's heads."""
+    batch, q_heads, n_queries, _ = queries.shape
+    kv_heads, n_tokens = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    expanded = keys.double().repeat_interleave(group, dim=1)  # query head h uses kv head h // group
+    logits = queries.double() @ expanded.transpose(-1, -2) * sm_scale
+    query_pos = causal_offset + torch.arange(n_queries)
+    allowed = (torch.arange(n_tokens)[None, :] <= query_pos[:, None])[None, None] & valid[:, None, None, :]
+    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    weights = weights * valid[:, query_pos][:, None, :, None]
+    return weights.sum(dim=2).reshape(batch, kv_heads, group, n_tokens).sum(dim=2).float()
+
+
+def make_inputs(seed: int, batch: int = 2, kv_heads: int = 2, group: int = 3, n_tokens: int = 11, head_dim: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, kv_heads, n_tokens, head_dim, generator=generator)
+    queries = torch.randn(batch, kv_heads * group, n_tokens, head_dim, generator=generator)
+    valid = torch.ones(batch, n_tokens, dtype=torch.bool)
+    valid[1, :4] = False  # left padding in the second row
+    return queries, keys, valid
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_accumulated_mass_matches_full_attention(chunk: int) -> None:
+    queries, keys, valid = make_inputs(0)
+    got = accumulate_attention_mass(queries, keys, 0.35, valid, causal_offset=0, chunk=chunk)
+    torch.testing.assert_close(got, reference_mass(queries, keys, 0.35, valid, 0), rtol=1e-5, atol=1e-5)
+    assert got[1, :, :4].abs().max() == 0  # padding keys receive nothing
+    assert got.shape == (2, 2, 11)
+
+
+def test_accumulated_mass_for_a_later_prefill_chunk() -> None:
+    queries, keys, valid = make_inputs(1)
+    later = queries[:, :, 6:9]  # queries at stored positions 6, 7, 8; keys 9 and 10 are not visible yet
+    got = accumulate_attention_mass(later, keys, 0.5, valid, causal_offset=6, chunk=2)
+    torch.testing.assert_close(got, reference_mass(later, keys, 0.5, valid, 6), rtol=1e-5, atol=1e-5)
+    assert got[:, :, 9:].abs().max() == 0
+    # each real query spreads exactly one unit of mass per query head
+    torch.testing.assert_close(got.sum(dim=(1, 2)), torch.full((2,), 3.0 * 6), rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_mass_rejects_bad_arguments() -> None:
+    queries, keys, valid = make_inputs(2)
+    with pytest.raises(ValueError, match="causal_offset"):
+        accumulate_attention_mass(queries[:, :, :5], keys, 0.5, valid, causal_offset=7)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        accumulate_attention_mass(queries[:, :5], keys, 0.5, valid, causal_offset=0)
+    with pytest.raises(ValueError, match="chunk"):
+        accumulate_attention_mass(queries, keys, 0.5, valid, causal_offset=0, chunk=0)
+    with pytest.raises(ValueError, match="sm_scale"):
+        accumulate_attention_mass(queries, keys, 0.0, valid, causal_offset=0)
+
+
+@pytest.mark.parametrize("key_chunk", [1, 4, 1024])
+@pytest.mark.parametrize("window", [1, 5, 11])
+def test_window_mass_matches_full_attention(window: int, key_chunk: int) -> None:
+    queries, keys, valid = make_inputs(3)
+    last = queries[:, :, -window:]
+    got = window_attention_mass(last, keys, 0.4, valid, key_chunk=key_chunk)
+    expected = reference_mass(last, keys, 0.4, valid, keys.shape[2] - window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_longer_than_prompt_raises() -> None:
+    queries, keys, valid = make_inputs(4, n_tokens=5)
+    with pytest.raises(ValueError, match="window"):
+        window_attention_mass(torch.cat([queries, queries], dim=2), keys, 0.5, valid)
+
+
+def test_decode_victims_lowest_mass_outside_sinks_and_recent() -> None:
+    mass = torch.tensor([[[0.0, 5.0, 0.1, 3.0, 0.2, 4.0, 0.0, 0.0], [9.0, 1.0, 2.0, 0.5, 3.0, 0.4, 9.0, 9.0]]])
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    idx = decode_victims(mass, 2, n_sink=1, recent=2, valid=valid)
+    assert idx.dtype == torch.int64
+    assert idx.tolist() == [[[2, 4], [3, 5]]]
+
+
+def test_decode_victims_takes_padding_first_and_protects_real_sinks() -> None:
+    mass = torch.tensor([[[7.0, 8.0, 0.0, 0.1, 5.0, 6.0, 0.0]]])
+    valid = torch.tensor([[False, False, True, True, True, True, True]])
+    idx = decode_victims(mass, 3, n_sink=1, recent=1, valid=valid)
+    assert idx.tolist() == [[[0, 1, 3]]]  # both pads, then token 3; token 2 is the first real token (sink)
+
+
+def test_decode_victims_rejects_evicting_protected_tokens() -> None:
+    mass = torch.rand(1, 1, 6)
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    assert decode_victims(mass, 0, 1, 1, valid).shape == (1, 1, 0)
+    with pytest.raises(ValueError, match="n_evict"):
+        decode_victims(mass, 5, n_sink=1, recent=1, valid=valid)
