@@ -7,7 +7,8 @@ chunk into the layer's segments. Three phases share it:
 - decode (one query): the token is stored first, then the kernels read every segment (the unquantized,
   unpressed case uses SDPA over the stored view, which is exactly what transformers computes).
 The mask of the new chunk comes from transformers (registered mask = sdpa's); which stored tokens a row sees
-(left padding, filler slots, sliding window) comes from the layer. Presses run after a chunk is stored.
+(left padding, filler slots, sliding window) comes from the layer. Presses observe each stored prefill chunk and
+compress when the prompt is complete (first decode step), or after every chunk with `compress_every_chunk=True`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .compress import compress_after_chunk, evict_before_decode
+from .compress import compress, evict_before_decode, observe_chunk
 from .kernels import merge_attention_states
 
 ATTENTION_NAME = "kvpress"
@@ -40,10 +41,13 @@ def kvpress_attention_forward(
         raise ValueError("kvpress attention does not support attention logit softcapping (e.g. Gemma2).")
     layer.pending = None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer.scaling = scaling
     q_len = query.shape[2]
     chunk_valid = _chunk_validity(attention_mask) if q_len > 1 else None
     press = layer.press
     if q_len == 1 and press is not None:
+        if layer.needs_compression:  # the prompt is complete: compress it before the first decode step
+            compress(layer, scaling)
         evict_before_decode(layer)
     if layer.kv.quant is None and not (q_len == 1 and layer.mass is not None):
         out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
@@ -52,7 +56,9 @@ def kvpress_attention_forward(
     else:
         out = _extend_segments(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
     if press is not None and q_len > 1:
-        compress_after_chunk(layer, query, scaling)
+        observe_chunk(layer, query, scaling)
+        if layer.compress_every_chunk:
+            compress(layer, scaling)
     if layer.is_sliding:
         layer.slide()
     return out, None

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from .compress import compress
 from .segments import FLUSH_BLOCK, SegmentedKV
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -29,9 +30,14 @@ class KVPressLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, press: Any = None, quant: Any = None, sliding_window: int | None = None) -> None:
+    def __init__(self, press: Any = None, quant: Any = None, sliding_window: int | None = None,
+                 compress_every_chunk: bool = False) -> None:
         super().__init__()
         self.press = press
+        self.compress_every_chunk = compress_every_chunk
+        self.needs_compression = False
+        self.window_queries: torch.Tensor | None = None  # last prompt queries a press observes (SnapKV)
+        self.scaling: float | None = None  # softmax scale the model uses (set by the attention function)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.kv = SegmentedKV(quant)
@@ -44,6 +50,7 @@ class KVPressLayer(CacheLayerMixin):
     # --- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
         if self.kv.quant is not None:
             self.kv.quant.check_head_dim(key_states.shape[-1])
         self.is_initialized = True
@@ -75,7 +82,8 @@ class KVPressLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.kv.clear()
         self.logical_length = 0
-        self.kv_start = self.n_pad = self.mass = self.pending = None
+        self.kv_start = self.n_pad = self.mass = self.pending = self.window_queries = None
+        self.needs_compression = False
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -112,7 +120,7 @@ class KVPressLayer(CacheLayerMixin):
         if not self.kv.length:
             return
         self.kv.index_batch(rows)
-        for name in ("kv_start", "n_pad", "mass"):
+        for name in ("kv_start", "n_pad", "mass", "window_queries"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, rows.to(value.device)))
@@ -176,7 +184,7 @@ class KVPressLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.n_pad, self.mass) if t is not None]
+        extra = [t for t in (self.kv_start, self.n_pad, self.mass, self.window_queries) if t is not None]
         return self.kv.tensors() + extra
 
 
@@ -187,7 +195,11 @@ class KVPressCache(Cache):
     window semantics and are neither pressed nor quantized (they are already bounded by their window).
     """
 
-    def __init__(self, config, press: Any = None, quant: Any = None, paged: bool = False) -> None:
+    def __init__(self, config, press: Any = None, quant: Any = None, paged: bool = False,
+                 compress_every_chunk: bool = False) -> None:
+        """`compress_every_chunk`: with chunked prefill, compress after every chunk (peak memory bounded by the
+        budget + one chunk, but early chunks are judged without seeing the end of the prompt) instead of once the
+        whole prompt is stored (default: best quality; peak memory = the full prompt)."""
         from .config import resolve_config
 
         self.kv_config = resolve_config(press=press, quant=quant, paged=paged)
@@ -211,7 +223,7 @@ class KVPressCache(Cache):
             if window:
                 layers.append(KVPressLayer(sliding_window=window))
             else:
-                layers.append(KVPressLayer(press=press, quant=quant))
+                layers.append(KVPressLayer(press=press, quant=quant, compress_every_chunk=compress_every_chunk))
         super().__init__(layers=layers)
         self._last_layer: KVPressLayer | None = None
 
@@ -249,6 +261,13 @@ class KVPressCache(Cache):
             "press": repr(self.kv_config.press) if self.kv_config.press is not None else None,
             "quant": str(self.kv_config.quant) if self.kv_config.quant is not None else None,
         }
+
+    def compress(self) -> None:
+        """Compress now what the press has observed (normally done at the first decode step); e.g. after
+        prefilling a context that several questions will reuse."""
+        for layer in self.layers:
+            if isinstance(layer, KVPressLayer) and layer.needs_compression:
+                compress(layer, layer.scaling)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for tests and memory audits)."""

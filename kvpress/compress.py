@@ -8,27 +8,37 @@ import torch
 from .presses.attention_mass import accumulate_attention_mass, decode_victims
 
 
-def compress_after_chunk(layer, query: torch.Tensor, scaling: float) -> None:
-    """Score every stored token after a prefill chunk and keep each row's budget (same count per head)."""
+def observe_chunk(layer, query: torch.Tensor, scaling: float) -> None:
+    """After a prefill chunk is stored: accumulate H2O mass, keep the last window of queries, mark for compression."""
     press, kv = layer.press, layer.kv
-    n_stored, n_chunk = kv.length, query.shape[2]
-    k_all, v_all = kv.dequantized(query.shape[-1], query.dtype)
-    valid = layer.valid_mask()
     if press.needs_attention_mass:
-        mass = accumulate_attention_mass(query, k_all, scaling, valid, causal_offset=n_stored - n_chunk)
+        k_all, _ = kv.dequantized(query.shape[-1], query.dtype)
+        mass = accumulate_attention_mass(query, k_all, scaling, layer.valid_mask(), kv.length - query.shape[2])
         layer.mass = mass if layer.mass is None else layer.mass + mass
+    window = press.query_window
+    if window:
+        recent = query if layer.window_queries is None else torch.cat([layer.window_queries, query], dim=2)
+        layer.window_queries = recent[:, :, -window:]
+    layer.needs_compression = True
+
+
+def compress(layer, scaling: float) -> None:
+    """Score every stored token and keep each row's budget (same count per head); frees the evicted memory."""
+    press, kv = layer.press, layer.kv
+    layer.needs_compression = False
+    queries, layer.window_queries = layer.window_queries, None
     budgets = _row_budgets(layer, press)
     n_keep = max(budgets)
-    if n_keep >= n_stored:
+    if n_keep >= kv.length:
         return
-    window = press.query_window
-    queries = query[:, :, -min(window, n_chunk):] if window else None
+    k_all, v_all = kv.dequantized(layer.head_dim, layer.dtype)
+    valid = layer.valid_mask()
     scores = press.score(k_all, v_all, queries, layer.mass, scaling, valid)
     idx, fillers = _select_with_fillers(press, scores, valid, budgets, n_keep)
     kv.keep(idx, k_all, v_all)
     if layer.mass is not None:
         layer.mass = torch.gather(layer.mass, 2, idx.to(layer.mass.device))
-    layer.set_kv_start(fillers if bool((fillers > 0).any()) else None)
+    layer.set_kv_start(fillers)
     layer._refresh_views()
 
 

@@ -13,15 +13,18 @@ from .kernels import decode_attention, extend_attention, attention_scores
 from .paged.contiguous import ContiguousStore
 from .quant.codec import dequantize, quantize
 
+_SIXTEEN_BIT = torch.float16
 FLUSH_BLOCK = 16  # window tokens quantized together once the window holds residual + FLUSH_BLOCK tokens
 
 
 class Segment:
     """One run of tokens: a contiguous store plus how its tokens are encoded (bits 16 = unquantized)."""
 
-    def __init__(self, k_bits: int = 16, v_bits: int = 16, k_group: int | None = None, v_group: int | None = None):
+    def __init__(self, k_bits: int = 16, v_bits: int = 16, k_group: int | None = None, v_group: int | None = None,
+                 fp_dtype: torch.dtype | None = None):
         self.store = ContiguousStore()
         self.k_bits, self.v_bits, self.k_group, self.v_group = k_bits, v_bits, k_group, v_group
+        self.fp_dtype = fp_dtype  # dtype for fp32 inputs (16-bit inputs are kept as they are); None: unchanged
 
     @property
     def quantized(self) -> bool:
@@ -34,7 +37,8 @@ class Segment:
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encode tokens (B, H, N, D) into this segment's fields."""
         if not self.quantized:
-            return {"k": k, "v": v}
+            dtype = self.fp_dtype if (self.fp_dtype is not None and k.dtype == torch.float32) else k.dtype
+            return {"k": k.to(dtype), "v": v.to(dtype)}
         kq, ks, kz = quantize(k, self.k_bits, self.k_group)
         vq, vs, vz = quantize(v, self.v_bits, self.v_group)
         return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
@@ -90,9 +94,11 @@ class SegmentedKV:
             self.main = Segment()
             self.window = None
         else:
-            self.sink = Segment()
+            # The full-precision sinks and window are 16-bit (fp16 for fp32 models): precision far above the
+            # quantized middle at a quarter of fp32's bytes.
+            self.sink = Segment(fp_dtype=_SIXTEEN_BIT)
             self.main = Segment(quant.k_bits, quant.v_bits, quant.k_group_size, quant.group_size)
-            self.window = Segment()
+            self.window = Segment(fp_dtype=_SIXTEEN_BIT)
 
     @property
     def segments(self) -> list[Segment]:
@@ -120,10 +126,10 @@ class SegmentedKV:
             return
         n_sink = max(0, min(self.quant.n_sink - self.sink.length, k.shape[2]))
         if n_sink:
-            self.sink.store.append({"k": k[:, :, :n_sink], "v": v[:, :, :n_sink]})
+            self.sink.store.append(self.sink.encode(k[:, :, :n_sink], v[:, :, :n_sink]))
             k, v = k[:, :, n_sink:], v[:, :, n_sink:]
         if k.shape[2]:
-            self.window.store.append({"k": k, "v": v})
+            self.window.store.append(self.window.encode(k, v))
             self._flush(self.quant.residual + (FLUSH_BLOCK if k.shape[2] == 1 else 0))
 
     def _flush(self, keep: int) -> None:
@@ -145,8 +151,8 @@ class SegmentedKV:
         for seg in self.segments:
             if seg.length:
                 k, v = seg.decode(seg.views(), head_dim, dtype)
-                ks.append(k)
-                vs.append(v)
+                ks.append(k.to(dtype))
+                vs.append(v.to(dtype))
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
     def keep(self, idx: torch.Tensor, k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None) -> None:
@@ -172,7 +178,7 @@ class SegmentedKV:
         for seg, sel in ((self.sink, idx[:, :, :n_sink]), (self.window, idx[:, :, n_keep - n_window :])):
             seg.store.clear()
             if sel.shape[2]:
-                seg.store.append({"k": _gather(k_all, sel), "v": _gather(v_all, sel)})
+                seg.store.append(seg.encode(_gather(k_all, sel), _gather(v_all, sel)))
 
     def _quantized_candidates(self, k_all: torch.Tensor, v_all: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantized fields of every stored token in logical order: existing codes reused, fp tokens encoded."""

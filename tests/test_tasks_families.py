@@ -3,12 +3,12 @@ import json
 import random
 import re
 
-from eval.tasks.assemble import render_context
-from eval.tasks.generator import make_tasks
-from eval.tasks.kv_retrieval import pair_count
-from eval.tasks.niah import MULTIKEY_NEEDLES, MULTIVALUE_NEEDLES
-from eval.tasks.spec import Insertion, TaskSpec
-from eval.tasks.variable_tracking import CHAIN_HOPS, interleave
+from kvpress.eval.tasks.assemble import render_context
+from kvpress.eval.tasks.generator import make_tasks
+from kvpress.eval.tasks.kv_retrieval import pair_count
+from kvpress.eval.tasks.niah import MULTIKEY_NEEDLES, MULTIVALUE_NEEDLES
+from kvpress.eval.tasks.spec import Insertion, TaskSpec
+from kvpress.eval.tasks.variable_tracking import CHAIN_HOPS, interleave
 
 NEEDLE = re.compile(r"special magic numbers? for ([a-z]+-[a-z]+)")
 

@@ -1,4 +1,4 @@
-"""Tests for eval.tasks.generator: determinism, answers in context, length fitting, CLI and scoring."""
+"""Tests for kvpress.eval.tasks.generator: determinism, answers in context, length fitting, CLI and scoring."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from eval.tasks.generator import TASKS, main, make_tasks, score
-from eval.tasks.tokens import approximate_tokens
+from kvpress.eval.tasks.generator import TASKS, main, make_tasks, score
+from kvpress.eval.tasks.tokens import approximate_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_KEYS = {"task", "context", "question", "answers", "prompt", "length_tokens"}
@@ -94,7 +94,7 @@ def test_cli_writes_jsonl_for_all_tasks(tmp_path):
 def test_cli_as_module_from_another_directory(tmp_path):
     out = tmp_path / "one.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, "-m", "eval.tasks.generator", "--task", "niah_single", "--n", "1", "--tokens",
+    command = [sys.executable, "-m", "kvpress.eval.tasks.generator", "--task", "niah_single", "--n", "1", "--tokens",
                "512", "--out", str(out)]
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from eval.tasks.haystack import clean_paragraphs, corpus_sentences, paragraph_starts, read_window, split_sentences
+from kvpress.eval.tasks.haystack import clean_paragraphs, corpus_sentences, paragraph_starts, read_window, split_sentences
 
 RAW_TOPIC = """The "while" statement
 *********************

@@ -92,7 +92,8 @@ def quantize_store_reference(
 ) -> None:
     """Torch twin: quantize x (B, H, N, D) with codec.quantize and scatter into the paged store in place.
 
-    check_values=True also validates x (finite, fp16 range) and the target pages, at one host sync.
+    check_values=True validates x (finite, |x| <= 65504) and the target pages at one host sync; pass
+    False on hot paths whose inputs are known to be valid (invalid input then writes unspecified bytes).
     """
     _check_store_args(x, q_out, scale_out, zero_out, block_table, dst_start, bits, group_size)
     batch, heads, n_tokens, _ = x.shape
@@ -208,8 +209,8 @@ def quantize_store_triton(
 ) -> None:
     """Fused Triton kernel: same bytes as quantize_store_reference, in one launch.
 
-    check_values=True costs one host sync; pass False on hot paths whose inputs are known to be valid
-    (NaN input then yields NaN scale/zero instead of an error).
+    check_values=True validates x (finite, |x| <= 65504) and the target pages at one host sync; pass
+    False on hot paths whose inputs are known to be valid (invalid input then writes unspecified bytes).
     """
     if triton is None:
         raise ValueError("quantize_store_triton needs the triton package; use quantize_store_reference instead")

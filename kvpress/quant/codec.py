@@ -24,19 +24,17 @@ FP16_MAX = 65504.0
 def round_up_to_fp16(value: torch.Tensor) -> torch.Tensor:
     """Round float32 values to the nearest fp16 that is >= them (the grid must keep covering the data)."""
     nearest = value.to(torch.float16)
-    bits = nearest.view(torch.int16)
-    # fp16 is sign-magnitude: one step towards +inf is +1 on the bits if positive, -1 if negative.
-    next_up = torch.where(bits >= 0, bits + 1, bits - 1).view(torch.float16)
-    return torch.where(nearest.float() < value, next_up, nearest)
+    return torch.where(nearest < value, torch.nextafter(nearest, nearest.new_full((), float("inf"))), nearest)
 
 
 def round_down_to_fp16(value: torch.Tensor) -> torch.Tensor:
     """Round float32 values to the nearest fp16 that is <= them."""
-    return -round_up_to_fp16(-value)
+    nearest = value.to(torch.float16)
+    return torch.where(nearest > value, torch.nextafter(nearest, nearest.new_full((), float("-inf"))), nearest)
 
 
-def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, zero) for groups with float32 minima `lo` and maxima `hi` (formula in module doc)."""
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale fp16, zero fp16, zero as float32) for float32 group minima/maxima; see the module doc."""
     levels = 2 ** check_bits(bits)
     zero = round_down_to_fp16(lo + (hi - lo) * (0.5 / levels))
     zero_f = zero.float()
@@ -44,7 +42,13 @@ def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[tor
     # (a Python scalar divisor becomes a reciprocal multiply on CUDA).
     steps = torch.full((), levels - 0.5, dtype=torch.float32, device=lo.device)
     needed = torch.maximum((hi - zero_f) / steps, (zero_f - lo) * 2.0).clamp_min_(SCALE_FLOOR)
-    return round_up_to_fp16(needed), zero
+    return round_up_to_fp16(needed), zero, zero_f
+
+
+def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) for groups with float32 minima `lo` and maxima `hi` (formula in module doc)."""
+    scale, zero, _ = _scale_zero(lo, hi, bits)
+    return scale, zero
 
 
 def quantize(
@@ -62,12 +66,14 @@ def quantize(
     group = effective_group_size(head_dim, bits, group_size)
     grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
     lo, hi = torch.aminmax(grouped, dim=-1)
-    scale, zero = group_scale_zero(lo, hi, bits)
-    if check_finite and not bool((torch.isfinite(scale) & torch.isfinite(zero)).all()):
+    scale, zero, zero_f = _scale_zero(lo, hi, bits)
+    scale_f = scale.float()
+    # |scale|, |zero| <= 65504 keep their difference finite; NaN or inf anywhere makes it non-finite.
+    if check_finite and not bool(((scale_f - zero_f).abs() < float("inf")).all()):
         raise ValueError(
             "quantize got NaN/inf, or a group whose scale or zero overflows the fp16 range; clean or rescale the input"
         )
-    codes = ((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 0.5).floor_()
+    codes = (grouped - zero_f.unsqueeze(-1)).div_(scale_f.unsqueeze(-1)).add_(0.5).floor_()
     codes = codes.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(x.shape)
     if bits == 4:
         codes = pack_int4(codes)

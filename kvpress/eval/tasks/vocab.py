@@ -9,7 +9,7 @@ import string
 import uuid
 from typing import Callable
 
-from eval.tasks.haystack import corpus_words
+from kvpress.eval.tasks.haystack import corpus_words
 
 _MAX_DRAWS_PER_VALUE = 1000
 

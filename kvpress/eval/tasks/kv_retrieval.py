@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from eval.tasks.spec import Insertion, TaskSpec
-from eval.tasks.vocab import distinct, random_uuid
+from kvpress.eval.tasks.spec import Insertion, TaskSpec
+from kvpress.eval.tasks.vocab import distinct, random_uuid
 
 TOKENS_PER_PAIR_BUDGET = 256
 MIN_PAIRS, MAX_PAIRS = 4, 64

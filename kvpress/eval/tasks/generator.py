@@ -1,6 +1,6 @@
 """Deterministic RULER-style long-context tasks over real prose, as dicts or a JSONL file (CLI).
 
-Usage: ``python -m eval.tasks.generator --task niah_single --n 5 --tokens 2048 --out tasks.jsonl``
+Usage: ``python -m kvpress.eval.tasks.generator --task niah_single --n 5 --tokens 2048 --out tasks.jsonl``
 (``--task all`` for every family; ``--tokens`` takes several lengths, default 2048 and 4096).
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from eval.tasks.assemble import fit_sample
-from eval.tasks.haystack import paragraph_starts
-from eval.tasks.kv_retrieval import build_kv_retrieval
-from eval.tasks.niah import build_niah_multikey, build_niah_multivalue, build_niah_single
-from eval.tasks.scoring import score
-from eval.tasks.spec import TaskSpec
-from eval.tasks.tokens import make_token_counter
-from eval.tasks.variable_tracking import build_variable_tracking
+from kvpress.eval.tasks.assemble import fit_sample
+from kvpress.eval.tasks.haystack import paragraph_starts
+from kvpress.eval.tasks.kv_retrieval import build_kv_retrieval
+from kvpress.eval.tasks.niah import build_niah_multikey, build_niah_multivalue, build_niah_single
+from kvpress.eval.tasks.scoring import score
+from kvpress.eval.tasks.spec import TaskSpec
+from kvpress.eval.tasks.tokens import make_token_counter
+from kvpress.eval.tasks.variable_tracking import build_variable_tracking
 
 __all__ = ["DEFAULT_LENGTHS", "TASKS", "make_tasks", "score", "main"]
 

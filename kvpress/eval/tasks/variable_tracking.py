@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 
-from eval.tasks.spec import Insertion, TaskSpec
-from eval.tasks.vocab import distinct, five_digit_number, variable_name
+from kvpress.eval.tasks.spec import Insertion, TaskSpec
+from kvpress.eval.tasks.vocab import distinct, five_digit_number, variable_name
 
 CHAIN_HOPS = 4
 CHAIN_COUNT = 2

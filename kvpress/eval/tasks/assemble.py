@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eval.tasks.haystack import read_window
-from eval.tasks.spec import TaskSpec
-from eval.tasks.tokens import TokenCounter
+from kvpress.eval.tasks.haystack import read_window
+from kvpress.eval.tasks.spec import TaskSpec
+from kvpress.eval.tasks.tokens import TokenCounter
 
 _FIRST_GUESS_TOKENS_PER_SENTENCE = 32
 

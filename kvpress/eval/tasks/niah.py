@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from eval.tasks.spec import Insertion, TaskSpec
-from eval.tasks.vocab import distinct, seven_digit_number, word_key
+from kvpress.eval.tasks.spec import Insertion, TaskSpec
+from kvpress.eval.tasks.vocab import distinct, seven_digit_number, word_key
 
 MULTIKEY_NEEDLES = 4
 MULTIVALUE_NEEDLES = 4

@@ -1,4 +1,0 @@
-"""Offline, deterministic RULER-style long-context tasks over real English prose.
-
-Entry point: ``eval.tasks.generator`` (``make_tasks``, ``score``, ``TASKS`` and a CLI).
-"""

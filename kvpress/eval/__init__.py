@@ -1,0 +1,1 @@
+"""Evaluation: offline long-context tasks, the lm-eval model type and its launcher."""
