@@ -332,48 +332,69 @@ def _apply_group_affine(
     codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
     HALF: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """x = code * scale + zero for one (BLOCK_N, HALF) half: loads each token's few group scales once and
+    """x = code * scale + zero (in the codes' dtype) for one (BLOCK_N, HALF) half: loads each token's few group scales once and
     broadcasts them over their group (a group never straddles halves unless it spans the whole head)."""
     if GROUP >= 2 * HALF:  # one group per token
-        scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(tl.float32)
-        zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(tl.float32)
+        scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
         result = codes * scale[:, None] + zero[:, None]
     elif GROUP == HALF:  # one group per half
         offsets = scale_row_offsets + half_index * stride_g
-        scale = tl.load(scale_ptr + offsets, mask=token_mask, other=0).to(tl.float32)
-        zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(tl.float32)
+        scale = tl.load(scale_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
         result = codes * scale[:, None] + zero[:, None]
     else:
         GROUPS: tl.constexpr = HALF // GROUP
         groups = half_index * GROUPS + tl.arange(0, GROUPS)
         offsets = scale_row_offsets[:, None] + groups[None, :] * stride_g
-        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(tl.float32)
-        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(tl.float32)
+        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
         grouped = tl.reshape(codes, (codes.shape[0], GROUPS, GROUP))
         result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF))
     return result
 
 
 @triton.jit
+def _fp16_from_codes(codes):
+    """Exact uint code (< 1024) -> fp16 without a conversion instruction: the bits 0x6400 | c read as fp16 are
+    1024 + c, and subtracting 1024 is exact (conversions are the slow path of dequantization on GPUs)."""
+    biased = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return biased - tl.full(biased.shape, 1024.0, tl.float16)
+
+
+@triton.jit
 def load_token_halves(
     base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr, FP16_CODES: tl.constexpr,
 ):  # fmt: skip
-    """Load BLOCK_N stored tokens and dequantize them into two float32 (BLOCK_N, HALF) half-vectors."""
+    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF) half-vectors of dtype COMPUTE.
+
+    FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
+    loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
+    """
     cols = tl.arange(0, HALF)
     mask = token_mask[:, None]
     if BITS == 4:
         packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
-        low = (packed & 15).to(tl.float32)
-        high = (packed >> 4).to(tl.float32)
+        low = packed & 15
+        high = packed >> 4
     else:
         low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
         high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)
-        low = low.to(tl.float32)
-        high = high.to(tl.float32)
-    if BITS != 16:
+    if BITS == 16:
+        low = low.to(COMPUTE)
+        high = high.to(COMPUTE)
+    else:
+        if FP16_CODES:
+            low = _fp16_from_codes(low)
+            high = _fp16_from_codes(high)
+        else:
+            low = low.to(tl.float32)
+            high = high.to(tl.float32)
         low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF, GROUP)
         high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF, GROUP)
+        low = low.to(COMPUTE)
+        high = high.to(COMPUTE)
     return low, high
 
 
