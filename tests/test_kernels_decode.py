@@ -2,7 +2,8 @@
 Triton kernel (interpreted on CPU) equals the twin, on contiguous and paged, fp and int8-K/int4-V stores.
 
 Tolerances: fp32 queries use exact fp32 dots in both versions, so outputs agree to 1e-4 (abs + rel) - well
-inside the 1e-3 budget; fp16 queries make the kernel's dot operands fp16 (like flash attention), 2e-2 abs.
+inside the 1e-3 budget; fp16/bf16 queries make the kernel's dot operands (and the dequantization) fp16, like flash
+attention: 2e-2 (abs + rel).
 """
 import math
 
@@ -74,10 +75,12 @@ def test_split_counts_do_not_change_the_result(num_splits: int, block_n: int) ->
     torch.testing.assert_close(lse.squeeze(2), ref_lse, atol=1e-4, rtol=1e-4)
 
 
-def test_half_precision_queries_stay_close() -> None:
-    store, q, sm_scale = _store("int8k-int4v-gqa4-contiguous", seed=11)
-    out, lse = decode_attention_triton(q.half(), *store.args(), sm_scale, *store.bits())
-    ref_out, ref_lse = decode_attention_reference(q.half(), *store.args(), sm_scale, *store.bits())
+@pytest.mark.parametrize("case", ["int8k-int4v-gqa4-contiguous", "int4k-int8v-gqa1-paged", "fp16-gqa4-paged"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_queries_stay_close(case: str, dtype: torch.dtype) -> None:
+    store, q, sm_scale = _store(case, seed=11)
+    out, lse = decode_attention_triton(q.to(dtype), *store.args(), sm_scale, *store.bits())
+    ref_out, ref_lse = decode_attention_reference(q.to(dtype), *store.args(), sm_scale, *store.bits())
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
 

@@ -49,6 +49,14 @@ def test_triton_equals_reference(case: str) -> None:
     assert bool((out[2] == 0).all()) and bool((lse[2] == -math.inf).all())
 
 
+def test_half_precision_queries_stay_close() -> None:
+    store, q, sm_scale = _inputs("int8k-int4v-gqa8-q9-paged", seed=8)
+    out, lse = extend_attention_triton(q.bfloat16(), *store.args(), sm_scale, *store.bits())
+    ref_out, ref_lse = extend_attention_reference(q.bfloat16(), *store.args(), sm_scale, *store.bits())
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("impl", [extend_attention_reference, extend_attention_triton])
 def test_store_attention_merged_with_causal_chunk_equals_full_causal_attention(impl) -> None:
     kv_heads, group, past, chunk, head_dim = 2, 2, 30, 6, 64

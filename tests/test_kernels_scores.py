@@ -51,6 +51,13 @@ def test_triton_equals_reference(case: str) -> None:
     torch.testing.assert_close(mass, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_half_precision_queries_stay_close() -> None:
+    store, q, lse, key_args, sm_scale = _inputs("int8k-gqa8-paged", seed=2)
+    mass = attention_scores_triton(q.half(), *key_args, lse, sm_scale, store.k_bits, store.k_group)
+    expected = attention_scores_reference(q.half(), *key_args, lse, sm_scale, store.k_bits, store.k_group)
+    torch.testing.assert_close(mass, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_lse_shape_is_checked() -> None:
     store, q, lse, key_args, sm_scale = _inputs("fp32-gqa1-contiguous")
     with pytest.raises(ValueError, match="lse must be"):

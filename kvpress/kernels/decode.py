@@ -419,7 +419,7 @@ def _split_attention_kernel(
     kv_heads, group, num_queries, page_size, num_splits, qk_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
 
@@ -460,10 +460,11 @@ def _split_attention_kernel(
         k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
         ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
         k_low, k_high = load_token_halves(
-            k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask, HALF, K_BITS, K_GROUP
+            k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
+            HALF, K_BITS, K_GROUP, DOT_DTYPE, FP16_CODES,
         )
-        scores = tl.dot(q_low, tl.trans(k_low.to(DOT_DTYPE)), input_precision=PRECISION)
-        scores += tl.dot(q_high, tl.trans(k_high.to(DOT_DTYPE)), input_precision=PRECISION)
+        scores = tl.dot(q_low, tl.trans(k_low), input_precision=PRECISION)
+        scores += tl.dot(q_high, tl.trans(k_high), input_precision=PRECISION)
         scores = tl.where(token_mask[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -473,11 +474,12 @@ def _split_attention_kernel(
         v_rows = page * stride_vp + kv_head * stride_vh + slot * stride_vs
         vs_rows = page * stride_vsp + kv_head * stride_vsh + slot * stride_vss
         v_low, v_high = load_token_halves(
-            v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask, HALF, V_BITS, V_GROUP
+            v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
+            HALF, V_BITS, V_GROUP, DOT_DTYPE, FP16_CODES,
         )
         probs = probs.to(DOT_DTYPE)
-        acc_low = acc_low * alpha[:, None] + tl.dot(probs, v_low.to(DOT_DTYPE), input_precision=PRECISION)
-        acc_high = acc_high * alpha[:, None] + tl.dot(probs, v_high.to(DOT_DTYPE), input_precision=PRECISION)
+        acc_low = acc_low * alpha[:, None] + tl.dot(probs, v_low, input_precision=PRECISION)
+        acc_high = acc_high * alpha[:, None] + tl.dot(probs, v_high, input_precision=PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -524,17 +526,22 @@ def _multiprocessor_count(device_index: int) -> int:
 def _target_programs(device: torch.device) -> int:
     """Programs to aim for so every SM has a few split-K programs in flight (small under the interpreter)."""
     if device.type == "cuda":
-        return 4 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 8 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
     return 8
 
 
-def dot_operand_type(q: torch.Tensor) -> tuple[object, str]:
-    """Operand dtype and input precision of the kernel's dots: q's half type, else exact fp32 ("ieee")."""
-    if q.dtype == torch.float16:
-        return tl.float16, "tf32"
-    if q.dtype == torch.bfloat16:
-        return tl.bfloat16, "tf32"
-    return tl.float32, "ieee"
+def dot_operand_type(q: torch.Tensor, fields: list[tuple[torch.Tensor, int]]) -> tuple[object, str, bool]:
+    """(dot operand dtype, fp32 input precision, dequantize-in-fp16 flag) for q and the (field, bits) read.
+
+    fp32 q: exact fp32 dots ("ieee"). Half q: fp16 operands with fp32 accumulation, and quantized codes are
+    dequantized in fp16 (no conversion instructions). bf16 q also uses fp16 operands (exact for |q| in
+    [6e-5, 65504]) unless a stored fp field is not fp16, in which case it stays bf16.
+    """
+    if q.dtype == torch.float32:
+        return tl.float32, "ieee", False
+    if q.dtype == torch.float16 or all(bits < 16 or f.dtype == torch.float16 for f, bits in fields):
+        return tl.float16, "tf32", True
+    return tl.bfloat16, "tf32", False
 
 
 def scale_pointer_args(scale: torch.Tensor | None, field: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -598,7 +605,7 @@ def store_attention_triton(
         return out, lse
     rows = geo.group * num_queries
     block_m = block_m or max(16, min(64, triton.next_power_of_2(rows)))
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    block_n = block_n or (64 if block_m > 16 and head_dim <= 128 else 32)
     m_tiles = triton.cdiv(rows, block_m)
     capacity = block_table.shape[1] * geo.page_size
     if num_splits is None:
@@ -613,7 +620,7 @@ def store_attention_triton(
     kz, _ = scale_pointer_args(k_zero, k)
     vs, vs_strides = scale_pointer_args(v_scale, v)
     vz, _ = scale_pointer_args(v_zero, v)
-    dot_dtype, precision = dot_operand_type(q)
+    dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits), (v, v_bits)])
     grid = (batch * geo.kv_heads, m_tiles, num_splits)
     _split_attention_kernel[grid](
         q, k, v, ks, kz, vs, vz, block_table, kv_start, kv_end, part_out, part_lse,
@@ -622,7 +629,7 @@ def store_attention_triton(
         geo.kv_heads, geo.group, num_queries, geo.page_size, num_splits, sm_scale * LOG2E,
         HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n,
         K_BITS=k_bits, V_BITS=v_bits, K_GROUP=geo.k_group, V_GROUP=geo.v_group,
-        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, FP16_CODES=fp16_codes,
         num_warps=num_warps or (4 if block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages or 2,
     )  # fmt: skip
     if num_splits > 1:

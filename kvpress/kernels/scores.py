@@ -79,7 +79,8 @@ def _attention_scores_kernel(
     stride_ob, stride_oh, stride_ot,
     kv_heads, group, num_queries, page_size, num_tokens, qk_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
 ):  # fmt: skip
     """One program: a BLOCK_N tile of one row's keys (loaded once) against all query rows of its kv group."""
     pid_bh = tl.program_id(0)
@@ -94,10 +95,11 @@ def _attention_scores_kernel(
     k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
     ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
     k_low, k_high = load_token_halves(
-        k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask, HALF, K_BITS, K_GROUP
+        k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
+        HALF, K_BITS, K_GROUP, DOT_DTYPE, FP16_CODES,
     )
-    k_low = tl.trans(k_low.to(DOT_DTYPE))
-    k_high = tl.trans(k_high.to(DOT_DTYPE))
+    k_low = tl.trans(k_low)
+    k_high = tl.trans(k_high)
 
     tile_start = pid_n * BLOCK_N
     overlaps = (tile_start < end) & (tile_start + BLOCK_N > start)
@@ -157,13 +159,14 @@ def attention_scores_triton(
     block_n = 64 if head_dim <= 128 else 32
     ks, ks_strides = scale_pointer_args(k_scale, k)
     kz, _ = scale_pointer_args(k_zero, k)
-    dot_dtype, precision = dot_operand_type(q)
+    dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits)])
     grid = (batch * geo.kv_heads, triton.cdiv(num_tokens, block_n))
     _attention_scores_kernel[grid](
         q, k, ks, kz, block_table, kv_start, kv_end, lse, out,
         *q.stride(), *k.stride(), *ks_strides, block_table.stride(0), *lse.stride(), *out.stride(),
         geo.kv_heads, geo.group, num_queries, geo.page_size, num_tokens, sm_scale * LOG2E,
         HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n, K_BITS=k_bits, K_GROUP=geo.k_group,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, FP16_CODES=fp16_codes,
+        num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
     )  # fmt: skip
     return out
