@@ -32,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid (a minute)")
     parser.add_argument("--tune", action="store_true", help="sweep block_n / splits / warps / stages instead")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--gqa", type=int, nargs="+", default=[4, 8], help="query heads per kv head")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--group", type=int, default=32, help="quantization group size of keys and values")
@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="graph replays per measurement")
     parser.add_argument("--tag", default=None, help="output name suffix (default: quick/full/tune)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of an existing results JSON")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick and not args.tune:
         args.contexts, args.batches, args.head_dims, args.gqa = [1024, 8192, 32768], [1, 8], [128], [4, 8]
     for name in ("contexts", "batches", "head_dims", "gqa"):
         if min(getattr(args, name)) < 1:
@@ -177,6 +178,9 @@ def tune(args) -> list[dict]:
     """Sweep block_n, split count, warps and stages on representative configs; print the best of each."""
     results = []
     configs = [(1, 32768, 128, 4), (8, 8192, 128, 8), (32, 4096, 128, 4), (4, 131072, 64, 8), (32, 32768, 128, 8)]
+    sweep = ((32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 3, 4))
+    if args.quick:
+        configs, sweep = [configs[1], configs[4]], ((32, 64), (4, 8), (4,), (2, 3))
     for batch, tokens, head_dim, gqa in configs:
         kv_heads = args.kv_heads
         q = torch.randn(batch, kv_heads * gqa, head_dim, device="cuda", dtype=torch.float16)
@@ -187,7 +191,7 @@ def tune(args) -> list[dict]:
                              max(1, min(16, math.ceil(L2_FLUSH_BYTES / qbytes))), paged=False)  # fmt: skip
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         rows = []
-        for block_n, per_sm, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 3, 4)):
+        for block_n, per_sm, warps, stages in itertools.product(*sweep):
             splits = max(1, min(64, math.ceil(per_sm * sms / (batch * kv_heads)), math.ceil(tokens / block_n)))
             tuning = dict(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages)
             try:
@@ -242,6 +246,9 @@ def plot(rows: list[dict], peak: float, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run the grid (or the tuning sweep) and write JSON (+ PNG) under eval/results/."""
     args = parse_args(argv)
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        return 0 if plot(data["rows"], data["meta"]["peak_gbps"], args.replot.with_suffix(".png")) else 1
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (the Triton kernels are timed with CUDA events)")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS_DIR / f"kernels_{tag}.json").write_text(json.dumps(out, indent=1))
         return 0
     rows = []
+    json_path = RESULTS_DIR / f"kernels_{tag}.json"
     for head_dim, gqa, batch, tokens in itertools.product(args.head_dims, args.gqa, args.batches, args.contexts):
         if batch * args.kv_heads * tokens * head_dim * 4 > args.max_cache_gib * (1 << 30):
             continue
@@ -263,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{q_['gbps']:6.0f}GB/s ({100 * q_['gbps'] / args.peak_gbps:3.0f}%) paged {p_['us']:8.1f}us | "
               f"fp16 triton {f_['us']:8.1f}us {f_['gbps']:5.0f}GB/s | sdpa {s_['us']:8.1f}us {s_['gbps']:5.0f}GB/s "
               f"| x{row['speedup_vs_sdpa']:.2f}", flush=True)  # fmt: skip
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a kill
         torch.cuda.empty_cache()
-    json_path = RESULTS_DIR / f"kernels_{tag}.json"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plotted = not args.no_plot and plot(rows, args.peak_gbps, RESULTS_DIR / f"kernels_{tag}.png")
     print(f"wrote {json_path}" + (" and .png" if plotted else ""))
     return 0

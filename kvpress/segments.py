@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import decode_attention, extend_attention, attention_scores
+from .kernels import attention_scores, decode_attention, extend_attention, quantize_store
 from .paged.contiguous import ContiguousStore
 from .quant.codec import dequantize, quantize
 
@@ -50,6 +50,22 @@ class Segment:
         k = dequantize(fields["k"], fields["k_scale"], fields["k_zero"], self.k_bits, self.k_group, head_dim, dtype)
         v = dequantize(fields["v"], fields["v_scale"], fields["v_zero"], self.v_bits, self.v_group, head_dim, dtype)
         return k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode and store tokens at the end; quantized tokens are written in place by the quantize-and-store
+        kernel (Triton on CUDA), so no encoded copy is made first."""
+        store = self.store
+        if not self.quantized or not store.fields:  # first write: exact-size allocation
+            store.append(self.encode(k, v))
+            return
+        n = k.shape[2]
+        store.reserve(n)
+        fields, table = store.fields, store.block_table()
+        dst = torch.full((k.shape[0],), store.length, dtype=torch.int32, device=k.device)
+        for x, name, bits, group in ((k, "k", self.k_bits, self.k_group), (v, "v", self.v_bits, self.v_group)):
+            quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], table, dst, bits, group,
+                           check_values=False)
+        store.advance(n)
 
     def views(self) -> dict[str, torch.Tensor]:
         return {name: self.store.view(name) for name in self.store.fields}
@@ -126,22 +142,27 @@ class SegmentedKV:
             return
         n_sink = max(0, min(self.quant.n_sink - self.sink.length, k.shape[2]))
         if n_sink:
-            self.sink.store.append(self.sink.encode(k[:, :, :n_sink], v[:, :, :n_sink]))
+            self.sink.append(k[:, :, :n_sink], v[:, :, :n_sink])
             k, v = k[:, :, n_sink:], v[:, :, n_sink:]
-        if k.shape[2]:
-            self.window.store.append(self.window.encode(k, v))
-            self._flush(self.quant.residual + (FLUSH_BLOCK if k.shape[2] == 1 else 0))
-
-    def _flush(self, keep: int) -> None:
-        """Move the oldest window tokens to the quantized middle until at most `keep` remain (only full blocks)."""
-        excess = self.window.length - keep
-        if excess <= 0:
+        n = k.shape[2]
+        if not n:
             return
-        if keep > self.quant.residual:  # decode: flush whole blocks down to the residual size
-            excess = self.window.length - self.quant.residual
-        k, v = self.window.store.view("k")[:, :, :excess], self.window.store.view("v")[:, :, :excess]
-        self.main.store.append(self.main.encode(k, v))
-        self.window.store.drop_front(excess)
+        # Decode lets the window overshoot by one block so flushes (and their quantize calls) come in blocks.
+        limit = self.quant.residual + (FLUSH_BLOCK if n == 1 else 0)
+        excess = self.window.length + n - self.quant.residual
+        if self.window.length + n > limit and excess > 0:
+            from_window = min(excess, self.window.length)
+            if from_window:
+                old_k = self.window.store.view("k")[:, :, :from_window]
+                old_v = self.window.store.view("v")[:, :, :from_window]
+                self.main.append(old_k, old_v)
+                self.window.store.drop_front(from_window)
+            from_chunk = excess - from_window
+            if from_chunk:  # chunk tokens that are already too old for the window go straight to the middle
+                self.main.append(k[:, :, :from_chunk], v[:, :, :from_chunk])
+                k, v = k[:, :, from_chunk:], v[:, :, from_chunk:]
+        if k.shape[2]:
+            self.window.append(k, v)
 
     def dequantized(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K, V (B, H, T, D) of every stored token in logical order (views when unquantized)."""

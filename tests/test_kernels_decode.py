@@ -75,7 +75,7 @@ def test_split_counts_do_not_change_the_result(num_splits: int, block_n: int) ->
     torch.testing.assert_close(lse.squeeze(2), ref_lse, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["int8k-int4v-gqa4-contiguous", "int4k-int8v-gqa1-paged", "fp16-gqa4-paged"])
+@pytest.mark.parametrize("case", ["int8k-int4v-gqa4-contiguous", "int4k-int8v-gqa1-paged", "bf16-gqa8-d256-contiguous"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_queries_stay_close(case: str, dtype: torch.dtype) -> None:
     store, q, sm_scale = _store(case, seed=11)

@@ -535,13 +535,14 @@ def dot_operand_type(q: torch.Tensor, fields: list[tuple[torch.Tensor, int]]) ->
 
     fp32 q: exact fp32 dots ("ieee"). Half q: fp16 operands with fp32 accumulation, and quantized codes are
     dequantized in fp16 (no conversion instructions). bf16 q also uses fp16 operands (exact for |q| in
-    [6e-5, 65504]) unless a stored fp field is not fp16, in which case it stays bf16.
+    [6e-5, 65504]) unless a stored fp field is not fp16, in which case it stays bf16 - or fp32 on CPU, since
+    the Triton interpreter's bf16 dot is wrong (triton 3.9).
     """
     if q.dtype == torch.float32:
         return tl.float32, "ieee", False
     if q.dtype == torch.float16 or all(bits < 16 or f.dtype == torch.float16 for f, bits in fields):
         return tl.float16, "tf32", True
-    return tl.bfloat16, "tf32", False
+    return (tl.bfloat16, "tf32", False) if q.is_cuda else (tl.float32, "ieee", False)
 
 
 def scale_pointer_args(scale: torch.Tensor | None, field: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -47,6 +47,15 @@ class ContiguousStore:
             self.fields[name][:, :, self.length : self.length + n] = value
         self.length += n
 
+    def reserve(self, n: int) -> None:
+        """Make room for `n` more tokens (a writer then fills them in place and calls `advance`)."""
+        if self.length + n > self.capacity:
+            self._grow(self.length + n)
+
+    def advance(self, n: int) -> None:
+        """Count `n` tokens written in place after `reserve`."""
+        self.length += n
+
     def _grow(self, needed: int) -> None:
         cap = max(needed, self.capacity + max(GROWTH_MIN_TOKENS, self.capacity // GROWTH_FRACTION))
         grown = {}
@@ -77,6 +86,9 @@ class ContiguousStore:
     def drop_front(self, n: int) -> None:
         """Forget the first `n` stored tokens of every row (sliding windows); keeps the buffer, shifts in place."""
         if n <= 0:
+            return
+        if n >= self.length:
+            self.clear()
             return
         rest = self.length - n
         for name, buf in self.fields.items():
