@@ -161,7 +161,8 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> dict
               for _ in range(copies)]  # fmt: skip
     table = torch.arange(batch, device="cuda", dtype=torch.int32)[:, None]
     fp16_calls = [lambda c=c: decode_attention_triton(q, c[0], c[1], None, None, None, None, table, kv_start,
-                                                      kv_end, sm_scale, 16, 16, None, None) for c in caches]  # fmt: skip
+                                                      kv_end, sm_scale, 16, 16, None, None)
+                  for c in caches]  # fmt: skip
     us = graph_time_us(fp16_calls, args.iters)
     row["triton_fp16"] = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(fp16_calls[0])}
     q4 = q.unsqueeze(2)
@@ -231,7 +232,7 @@ def plot(rows: list[dict], peak: float, path: Path) -> bool:
             axes[0][col].plot(ctx, [r["sdpa_fp16"]["gbps"] for r in pts], ls=":", color="gray")
             axes[1][col].plot(ctx, [r["speedup_vs_sdpa"] for r in pts], marker="o", label=f"B={batch}")
         axes[0][col].axhline(peak, color="red", ls="--", label="peak")
-        axes[0][col].set_title(f"int8-K/int4-V decode, D={head_dim}, GQA {gqa}:1 (dotted: SDPA fp16)")
+        axes[0][col].set_title(f"int8-K/int4-V decode D={head_dim} GQA {gqa}:1 (dotted: SDPA)", fontsize=10)
         axes[1][col].set_title("time speedup vs fp16 SDPA")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = bench_config(args, batch, tokens, head_dim, gqa)
         rows.append(row)
-        q_, p_, f_, s_ = (row[k] for k in ("triton_int8k_int4v", "triton_int8k_int4v_paged", "triton_fp16", "sdpa_fp16"))
+        series = ("triton_int8k_int4v", "triton_int8k_int4v_paged", "triton_fp16", "sdpa_fp16")
+        q_, p_, f_, s_ = (row[name] for name in series)
         print(f"D={head_dim:3d} gqa={gqa} B={batch:2d} T={tokens:6d} | int8/int4 {q_['us']:8.1f}us "
               f"{q_['gbps']:6.0f}GB/s ({100 * q_['gbps'] / args.peak_gbps:3.0f}%) paged {p_['us']:8.1f}us | "
               f"fp16 triton {f_['us']:8.1f}us {f_['gbps']:5.0f}GB/s | sdpa {s_['us']:8.1f}us {s_['gbps']:5.0f}GB/s "

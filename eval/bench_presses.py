@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--resume", action="store_true", help="keep saved records and skip those runs")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the table and plot from the saved JSON (e.g. after stopping a run)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.threads < 1 or args.max_new_tokens < 1 or min(args.lengths) < 1:
         parser.error("--n, --threads, --max-new-tokens and --lengths must be positive")
@@ -108,12 +110,18 @@ def run_one(model, tok, sample: dict, spec: str, args: argparse.Namespace) -> di
 
 def aggregate(records: list[dict], presses: list[str], tasks: list[str], lengths: list[int]) -> list[dict]:
     """One row per (press, length) and per press over all lengths ("all"): accuracy per task and overall, mean
-    bytes, compression vs fp16, seconds, and the accuracy difference with the full cache on the same samples."""
+    bytes, compression vs fp16, seconds, and the accuracy difference with the full cache on the same samples.
+    Only samples that every press config was run on count (a run stopped early compares like with like)."""
+    attempted = defaultdict(set)
+    for r in records:
+        attempted[run_key(r)[1:]].add(r["press"])
+    complete = {sample for sample, done in attempted.items() if done >= set(presses)}
+    records = [r for r in records if run_key(r)[1:] in complete]
     ok = [r for r in records if "error" not in r]
     full_scores = {run_key(r)[1:]: r["score"] for r in ok if r["press"] == FULL}
     rows = []
     for press in presses:
-        for length in [*lengths, "all"]:
+        for length in [*lengths, "all"] if len(lengths) > 1 else lengths:
             group = [r for r in ok if r["press"] == press and length in ("all", r["length"])]
             errors = sum(1 for r in records if r["press"] == press and "error" in r
                          and length in ("all", r["length"]))
@@ -132,7 +140,7 @@ def aggregate(records: list[dict], presses: list[str], tasks: list[str], lengths
     return rows
 
 
-def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Namespace) -> str:
+def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Namespace, n_records: int) -> str:
     """The aggregated table, with the exact command that produced it at the top."""
     lines = [
         "# Eviction presses: accuracy vs KV bytes (SmolLM2-135M-Instruct, CPU, fp32)",
@@ -144,11 +152,12 @@ def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Na
         f"{args.n} samples per task and length, greedy, {args.max_new_tokens} new tokens, quant={args.quant}. "
         "Accuracy = share of expected answers found in the output. KV MiB = bytes the KVPressCache really holds "
         "after generation; vs fp16 = that / what a 16-bit DynamicCache holds for the same tokens. "
-        "Δ full = mean paired accuracy difference with the full cache on the same samples.",
+        "Δ full = mean paired accuracy difference with the full cache on the same samples (points).",
+        *planned_note(args, n_records),
         "",
         "| press | length | " + " | ".join(tasks) + " | overall | Δ full | KV MiB | vs fp16 | stored tok | "
         "prefill s | decode s | runs | errors |",
-        "|" + "---|" * (len(tasks) + 12),
+        "|" + "---|" * (len(tasks) + 11),
     ]
     for row in rows:
         if "overall" not in row:
@@ -165,6 +174,15 @@ def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Na
     return "\n".join(lines) + "\n"
 
 
+def planned_note(args: argparse.Namespace, n_records: int) -> list[str]:
+    """A warning line when the run was stopped before every planned run was done."""
+    planned = len(args.lengths) * len(args.tasks) * args.n * len(args.presses)
+    if n_records >= planned:
+        return []
+    return ["", f"**Partial run: {n_records} of {planned} planned runs were done; the table counts only samples "
+            "that every press config saw (see the runs column).**"]
+
+
 def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
     """Overall accuracy vs mean KV MiB, one panel per context length, one labelled point per press."""
     import matplotlib
@@ -172,18 +190,23 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 2, 4.5), squeeze=False)
+    presses = list(dict.fromkeys(r["press"] for r in rows))
+    markers = "*osD^vP<>Xph"
     for ax, length in zip(axes[0], lengths):
-        for row in (r for r in rows if r["length"] == length and "overall" in r):
-            marker = "*" if row["press"] == FULL else "o"
-            ax.scatter(row["nbytes"] / 2**20, 100 * row["overall"], marker=marker, s=80 if marker == "*" else 40)
-            ax.annotate(row["press"], (row["nbytes"] / 2**20, 100 * row["overall"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
+        for i, press in enumerate(presses):
+            row = next((r for r in rows if r["press"] == press and r["length"] == length and "overall" in r), None)
+            if row is not None:  # same colour and marker for a press in every panel; overlapping points stay visible
+                ax.scatter(row["nbytes"] / 2**20, 100 * row["overall"], color=f"C{i % 10}", marker=markers[i % 12],
+                           s=140 if press == FULL else 60, alpha=0.75, label=press)
         ax.set(title=f"{length} tokens", xlabel="KV cache MiB (held after generation)", ylabel="accuracy %",
                ylim=(-5, 105))
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct: accuracy vs KV bytes per press")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (5 * len(lengths) + 2), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -201,34 +224,44 @@ def save(records: list[dict], args: argparse.Namespace, command: str, paths: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every (length, task, sample, press), saving after each run; then write the table and the plot."""
+    """Run every (sample, length, task, press), saving after each run; then write the table and the plot."""
     args = parse_args(argv)
     command = "python eval/bench_presses.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = output_paths(args)
     records: list[dict] = []
-    if args.resume and paths["json"].is_file():
-        records = [r for r in json.loads(paths["json"].read_text())["records"] if "error" not in r]
+    if (args.resume or args.report_only) and paths["json"].is_file():
+        saved = json.loads(paths["json"].read_text())
+        records = saved["records"] if args.report_only else [r for r in saved["records"] if "error" not in r]
+        command = saved["command"] if args.report_only else command
+    if args.report_only:
+        return report(records, args, command, paths)
     done = {run_key(r) for r in records}
     model, tok = kvpress.load_default_model()
     kvpress.wrap(model)
-    total = len(args.lengths) * len(args.tasks) * args.n * len(args.presses)
-    with tqdm(total=total, desc="runs", unit="run", dynamic_ncols=True) as bar:
-        for length in args.lengths:
-            for task in args.tasks:
-                for sample in make_tasks(task, args.n, length, tokenizer=tok, seed=args.seed):
-                    for spec in args.presses:
-                        bar.set_postfix_str(f"{length} {task}#{sample['index']} {spec}")
-                        if (spec, length, task, sample["index"]) not in done:
-                            record = run_one(model, tok, sample, spec, args)
-                            records.append(record)
-                            if "error" in record:
-                                tqdm.write(f"FAILED {spec} {length} {task}#{sample['index']}: {record['error']}")
-                            save(records, args, command, paths)
-                        bar.update(1)
+    # Shortest length first, sample-major inside a length: a run stopped early (see --report-only) leaves whole
+    # samples that every press saw, and the cheap lengths done.
+    samples = {(length, task): make_tasks(task, args.n, length, tokenizer=tok, seed=args.seed)
+               for length in args.lengths for task in args.tasks}
+    todo = [(samples[length, task][i], spec) for length in sorted(args.lengths) for i in range(args.n)
+            for task in args.tasks for spec in args.presses]
+    for sample, spec in tqdm(todo, desc="runs", unit="run", dynamic_ncols=True):
+        key = (spec, sample["target_tokens"], sample["task"], sample["index"])
+        if key in done:
+            continue
+        record = run_one(model, tok, sample, spec, args)
+        records.append(record)
+        if "error" in record:
+            tqdm.write(f"FAILED {' '.join(map(str, key))}: {record['error']}")
+        save(records, args, command, paths)
+    return report(records, args, command, paths)
+
+
+def report(records: list[dict], args: argparse.Namespace, command: str, paths: dict[str, Path]) -> int:
+    """Save the JSON with its aggregates, write the markdown table and the plot, print the table."""
     rows = save(records, args, command, paths)
-    paths["md"].write_text(markdown(rows, args.tasks, command, args))
+    paths["md"].write_text(markdown(rows, args.tasks, command, args, len(records)))
     if not args.no_plot:
         plot(rows, args.lengths, paths["png"])
     print(paths["md"].read_text())

@@ -100,25 +100,37 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
 
+CHUNK_LOGITS_BUDGET = 1 << 28  # bytes of fp32 logits materialised at once inside a chunk
+
+
 def _chunk_attention(query, key, value, chunk_mask, scaling, window):
-    """Attention of the chunk's queries over the chunk's own keys (causal + padding), with its log-sum-exp."""
-    group = query.shape[1] // key.shape[1]
+    """Attention of the chunk's queries over the chunk's own keys (causal + padding), with its log-sum-exp.
+
+    Processed in query blocks so that the fp32 logits never exceed CHUNK_LOGITS_BUDGET bytes.
+    """
+    batch, heads, q_len, _ = query.shape
+    group = heads // key.shape[1]
     k = key.repeat_interleave(group, dim=1).float()
     v = value.repeat_interleave(group, dim=1).float()
-    logits = query.float() @ k.transpose(-1, -2) * scaling
-    q_len = query.shape[2]
-    if chunk_mask is None:
-        rows = torch.arange(q_len, device=query.device)
-        allowed = (rows[None, :] <= rows[:, None])
-        if window is not None:
-            allowed = allowed & (rows[:, None] - rows[None, :] < window)
-        allowed = allowed[None, None]
-    else:
-        allowed = _as_bool(chunk_mask)
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return probs @ v, lse
+    block = max(1, min(q_len, CHUNK_LOGITS_BUDGET // max(1, 4 * batch * heads * q_len)))
+    cols = torch.arange(q_len, device=query.device)
+    outs, lses = [], []
+    for lo in range(0, q_len, block):
+        rows = cols[lo : lo + block]
+        if chunk_mask is None:
+            allowed = cols[None, :] <= rows[:, None]
+            if window is not None:
+                allowed = allowed & (rows[:, None] - cols[None, :] < window)
+            allowed = allowed[None, None]
+        else:
+            allowed = _as_bool(chunk_mask)[:, :, lo : lo + block]
+        logits = (query[:, :, lo : lo + block].float() @ k.transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append(probs @ v)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_empty_rows_give_zero_output_and_minus_inf_lse() -> None:
         assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse[[0, 1, 3]]).all())
 
 
-@pytest.mark.parametrize("num_splits,block_n", [(1, 16), (5, 16), (64, 32)])
+@pytest.mark.parametrize("num_splits,block_n", [(1, 16), (5, 16), (24, 32)])  # 24: most splits empty
 def test_split_counts_do_not_change_the_result(num_splits: int, block_n: int) -> None:
     store, q, sm_scale = _store("int8k-int4v-gqa8-paged", seed=3)
     out, lse = store_attention_triton(

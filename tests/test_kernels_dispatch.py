@@ -42,3 +42,15 @@ def test_public_entry_points_agree_under_either_backend(monkeypatch: pytest.Monk
 def test_quantize_store_needs_a_tensor() -> None:
     with pytest.raises(ValueError, match="tensor arguments"):
         kernels.quantize_store(bits=8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_quantize_store_routes_to_the_chosen_implementation(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    quantize = pytest.importorskip("kvpress.kernels.quantize")
+    calls = []
+    monkeypatch.setattr(quantize, "quantize_store_reference", lambda *a, **k: calls.append(("reference", a, k)))
+    monkeypatch.setattr(quantize, "quantize_store_triton", lambda *a, **k: calls.append(("triton", a, k)))
+    monkeypatch.setenv("KVPRESS_KERNELS", backend)
+    x = torch.zeros(2)
+    kernels.quantize_store(x, bits=8)
+    assert len(calls) == 1 and calls[0][0] == backend and calls[0][1][0] is x and calls[0][2] == {"bits": 8}

@@ -129,7 +129,8 @@ def make_store(
     fields = [t.to(device) if t is not None else None for t in fields]
     return Store(
         *fields, block_table.to(device),
-        torch.tensor(kv_start, dtype=torch.int32, device=device), torch.tensor(kv_end, dtype=torch.int32, device=device),
+        torch.tensor(kv_start, dtype=torch.int32, device=device),
+        torch.tensor(kv_end, dtype=torch.int32, device=device),
         k_bits, v_bits, k_group, v_group, dense_k, dense_v,
     )  # fmt: skip
 

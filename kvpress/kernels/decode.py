@@ -168,10 +168,13 @@ def dequantize_codes(
     """Dequantize gathered codes (..., X) to float32 (..., D): x = q * scale + zero per group of `group` dims."""
     if bits == 16:
         return raw.float()
-    codes = torch.cat((raw & 15, raw >> 4), dim=-1) if bits == 4 else raw
-    values = codes.float()
-    if not values.is_contiguous():
-        values = values.contiguous()
+    if bits == 4:  # split halves: low nibbles are the first half of the head dim, high nibbles the second
+        half = raw.shape[-1]
+        values = torch.empty(*raw.shape[:-1], 2 * half, dtype=torch.float32, device=raw.device)
+        torch.bitwise_and(raw, 15, out=values[..., :half])
+        torch.bitwise_right_shift(raw, 4, out=values[..., half:])
+    else:
+        values = raw.to(torch.float32, memory_format=torch.contiguous_format)
     shape = values.shape
     grouped = values.view(*shape[:-1], shape[-1] // group, group)
     grouped.mul_(scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1))
@@ -332,8 +335,8 @@ def _apply_group_affine(
     codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
     HALF: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """x = code * scale + zero (in the codes' dtype) for one (BLOCK_N, HALF) half: loads each token's few group scales once and
-    broadcasts them over their group (a group never straddles halves unless it spans the whole head)."""
+    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF) half: loads each token's few group
+    scales once and broadcasts them over their group (a group spans one half, or the whole head)."""
     if GROUP >= 2 * HALF:  # one group per token
         scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
         zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
