@@ -3,20 +3,32 @@
 `model = kvpress.wrap(model, press="snapkv:0.5", quant="int8-int4")` and every `model.generate` compresses.
 Importing the package registers the "kvpress" attention function with transformers (explicit, idempotent).
 """
-from .api import check_model, is_wrapped, unwrap, wrap
+from .api import check_model, is_wrapped, last_generate_stats, unwrap, wrap
 from .attention import register as _register_attention
 from .cache import KVPressCache, KVPressLayer
 from .config import KVConfig, resolve_config
 from .default_model import load_default_model, load_model
+from .pipeline import KVPressTextGenerationPipeline, register_pipeline as _register_pipeline
+from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress
+from .quant import QuantSpec
 
 _register_attention()
+_register_pipeline()
 
 __all__ = [
+    "H2OPress",
     "KVConfig",
+    "KVPressTextGenerationPipeline",
+    "KnormPress",
+    "QuantSpec",
+    "RandomPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
     "KVPressCache",
     "KVPressLayer",
     "check_model",
     "is_wrapped",
+    "last_generate_stats",
     "load_default_model",
     "load_model",
     "resolve_config",

@@ -14,6 +14,7 @@ from .cache import SUPPORTED_LAYER_TYPES, KVPressCache
 from .config import resolve_config
 
 _STATE_ATTR = "_kvpress_state"
+_UNSET = object()
 
 
 def check_model(model) -> None:
@@ -60,13 +61,23 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **gene
     original = state["original_generate"]
 
     @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def generate(*args, press: Any = _UNSET, quant: Any = _UNSET, **kwargs):
+        """`model.generate` with a fresh KVPressCache; per-call `press=` / `quant=` override the wrap config
+        (this is also how a transformers text-generation pipeline passes them: `pipe(prompt, press="snapkv:0.5")`)."""
         for key, value in state["generate_defaults"].items():
             kwargs.setdefault(key, value)
         if kwargs.get("past_key_values") is None:
             cfg = state["config"]
+            if press is not _UNSET or quant is not _UNSET:
+                cfg = resolve_config(press=cfg.press if press is _UNSET else press,
+                                     quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged)
             kwargs["past_key_values"] = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
-        return original(*args, **kwargs)
+        elif press is not _UNSET or quant is not _UNSET:
+            raise ValueError("Pass press=/quant= or an explicit past_key_values, not both.")
+        out = original(*args, **kwargs)
+        cache = kwargs["past_key_values"]
+        state["last_stats"] = cache.stats() if isinstance(cache, KVPressCache) else None
+        return out
 
     model.generate = generate
     return model
@@ -84,6 +95,12 @@ def unwrap(model):
         del model.generate
     delattr(model, _STATE_ATTR)
     return model
+
+
+def last_generate_stats(model) -> dict | None:
+    """`cache.stats()` of the last generate call of a wrapped model (also when called through a pipeline)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.get("last_stats")
 
 
 def is_wrapped(model) -> bool:
