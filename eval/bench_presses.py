@@ -4,7 +4,8 @@ Every (length, task, sample) prompt is answered greedily once per press config t
 cache's real bytes are read right after generation, beside what a 16-bit DynamicCache would hold. The point is to
 see which presses keep needle-retrieval accuracy at a given memory budget (issue "eviction presses").
 Writes eval/results/presses_<tag>.json (records + aggregates), a markdown table (presses.md for the default tag)
-and a PNG of accuracy vs KV bytes. Results are saved after every run; --resume skips runs already saved.
+and a PNG of accuracy vs KV bytes. Results are saved after every run; --resume skips runs already saved and
+--report-only rewrites the table and plot of a stopped run (counting only samples that every press saw).
 
     python eval/bench_presses.py --n 1 --lengths 1024                     # smoke run (minutes)
     python eval/bench_presses.py --n 5 --tasks niah_single niah_multikey kv_retrieval --lengths 2048 4096
@@ -83,6 +84,7 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def run_key(record: dict) -> tuple:
+    """(press, length, task, sample index): what identifies one run; without the press, one sample."""
     return record["press"], record["length"], record["task"], record["index"]
 
 
@@ -118,6 +120,7 @@ def aggregate(records: list[dict], presses: list[str], tasks: list[str], lengths
     complete = {sample for sample, done in attempted.items() if done >= set(presses)}
     records = [r for r in records if run_key(r)[1:] in complete]
     ok = [r for r in records if "error" not in r]
+    lengths = [n for n in lengths if any(r["length"] == n for r in records)]  # drop lengths with no whole sample
     full_scores = {run_key(r)[1:]: r["score"] for r in ok if r["press"] == FULL}
     rows = []
     for press in presses:
@@ -161,7 +164,7 @@ def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Na
     ]
     for row in rows:
         if "overall" not in row:
-            lines.append(f"| {row['press']} | {row['length']} |" + " – |" * (len(tasks) + 8)
+            lines.append(f"| {row['press']} | {row['length']} |" + " – |" * (len(tasks) + 7)
                          + f" 0 | {row['errors']} |")
             continue
         acc = " | ".join(f"{100 * row['accuracy'][t]:.0f}" if t in row["accuracy"] else "–" for t in tasks)
@@ -184,12 +187,13 @@ def planned_note(args: argparse.Namespace, n_records: int) -> list[str]:
 
 
 def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
-    """Overall accuracy vs mean KV MiB, one panel per context length, one labelled point per press."""
+    """Overall accuracy vs mean KV MiB, one panel per context length (with results), one point per press."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    lengths = [n for n in lengths if any(r["length"] == n and "overall" in r for r in rows)] or lengths[:1]
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 2, 4.5), squeeze=False)
     presses = list(dict.fromkeys(r["press"] for r in rows))
     markers = "*osD^vP<>Xph"
@@ -214,7 +218,8 @@ def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
 def save(records: list[dict], args: argparse.Namespace, command: str, paths: dict[str, Path]) -> list[dict]:
     """Write the JSON (records + aggregates) atomically and return the aggregated rows."""
     rows = aggregate(records, args.presses, args.tasks, args.lengths)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("resume", "report_only")}
     payload = {"command": command, "model": "SmolLM2-135M-Instruct", "config": config,
                "torch": torch.__version__, "aggregate": rows, "records": records}
     tmp = paths["json"].with_suffix(".json.tmp")
@@ -234,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.resume or args.report_only) and paths["json"].is_file():
         saved = json.loads(paths["json"].read_text())
         records = saved["records"] if args.report_only else [r for r in saved["records"] if "error" not in r]
-        command = saved["command"] if args.report_only else command
+        if args.report_only:  # describe the saved run, not this command line
+            command = saved["command"]
+            for name in ("presses", "tasks", "lengths", "n", "quant", "max_new_tokens"):
+                setattr(args, name, saved["config"][name])
     if args.report_only:
         return report(records, args, command, paths)
     done = {run_key(r) for r in records}

@@ -21,8 +21,8 @@ class Segment:
     """One run of tokens: a contiguous store plus how its tokens are encoded (bits 16 = unquantized)."""
 
     def __init__(self, k_bits: int = 16, v_bits: int = 16, k_group: int | None = None, v_group: int | None = None,
-                 fp_dtype: torch.dtype | None = None):
-        self.store = ContiguousStore()
+                 fp_dtype: torch.dtype | None = None, max_tokens: int | None = None):
+        self.store = ContiguousStore(max_tokens)
         self.k_bits, self.v_bits, self.k_group, self.v_group = k_bits, v_bits, k_group, v_group
         self.fp_dtype = fp_dtype  # dtype for fp32 inputs (16-bit inputs are kept as they are); None: unchanged
 
@@ -112,9 +112,9 @@ class SegmentedKV:
         else:
             # The full-precision sinks and window are 16-bit (fp16 for fp32 models): precision far above the
             # quantized middle at a quarter of fp32's bytes.
-            self.sink = Segment(fp_dtype=_SIXTEEN_BIT)
+            self.sink = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.n_sink)
             self.main = Segment(quant.k_bits, quant.v_bits, quant.k_group_size, quant.group_size)
-            self.window = Segment(fp_dtype=_SIXTEEN_BIT)
+            self.window = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.residual + FLUSH_BLOCK)
 
     @property
     def segments(self) -> list[Segment]:

@@ -52,22 +52,23 @@ def _teacher_forced(model, ids, n_prefix, cache):
 
 
 def test_int8_int4_stays_close_on_default_model(model_and_tok):
-    """Threshold from eval/results/quant.md: the default int8-int4 setting agrees on the top-1 token for nearly all
-    teacher-forced steps; 0.9 leaves room for a few near-ties over 64 tokens."""
+    """Thresholds from eval/results/quant.md (4 texts, 1536-token prefixes): int8-int4 defaults agree on 98.4% of
+    top-1 tokens, worst text 95.3% over its first 64 steps, KL 0.00065 nats; 0.9 and 0.003 leave room for near-ties.
+    Bytes: <= 0.5x a 16-bit DynamicCache (the issue's target), scales, zeros, fp window and spare capacity included."""
     model, tok = model_and_tok
-    ids = _real_text_ids(tok, 1024 + 64, offset=1500)
+    ids = _real_text_ids(tok, 1536 + 64, offset=1500)
     kvpress.wrap(model)
     try:
-        ref = _teacher_forced(model, ids, 1024, kvpress.KVPressCache(model.config))
+        ref = _teacher_forced(model, ids, 1536, kvpress.KVPressCache(model.config))
         cache = kvpress.KVPressCache(model.config, quant="int8-int4")
-        got = _teacher_forced(model, ids, 1024, cache)
+        got = _teacher_forced(model, ids, 1536, cache)
     finally:
         kvpress.unwrap(model)
     agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
     assert agreement >= 0.9, agreement
-    assert kl < 0.01, kl
-    assert cache.stats()["nbytes"] < 0.6 * cache.stats()["fp16_nbytes"]
+    assert kl < 0.003, kl
+    assert cache.stats()["nbytes"] <= 0.5 * cache.stats()["fp16_nbytes"]
 
 
 def test_cli_generate_prints_answer_and_summary(model_and_tok, tmp_path):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 GROWTH_MIN_TOKENS = 64
-GROWTH_FRACTION = 8  # grow by capacity / 8: amortised O(1) copies per token, at most 12.5 % spare space
+GROWTH_FRACTION = 16  # grow by capacity / 16: amortised O(1) copies per token, at most ~6 % spare space
 
 
 class ContiguousStore:
     """Holds one layer's encoded tokens; every field shares the token axis 2 and the batch/head axes 0/1."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens  # a known upper bound (e.g. an fp window) caps growth: no spare beyond it
         self.fields: dict[str, torch.Tensor] = {}
         self.length = 0
         self._block_table: torch.Tensor | None = None
@@ -58,6 +59,8 @@ class ContiguousStore:
 
     def _grow(self, needed: int) -> None:
         cap = max(needed, self.capacity + max(GROWTH_MIN_TOKENS, self.capacity // GROWTH_FRACTION))
+        if self.max_tokens is not None:
+            cap = max(needed, min(cap, self.max_tokens))
         grown = {}
         for name, buf in self.fields.items():
             bigger = buf.new_empty(buf.shape[0], buf.shape[1], cap, *buf.shape[3:])
