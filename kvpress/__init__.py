@@ -8,6 +8,8 @@ from .attention import register as _register_attention
 from .cache import KVPressCache, KVPressLayer
 from .config import KVConfig, resolve_config
 from .default_model import load_default_model, load_model
+from .paged.prefix_cache import PrefixCache
+from .prefix import generate_many
 from .pipeline import KVPressTextGenerationPipeline, register_pipeline as _register_pipeline
 from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress
 from .quant import QuantSpec
@@ -20,6 +22,7 @@ __all__ = [
     "KVConfig",
     "KVPressTextGenerationPipeline",
     "KnormPress",
+    "PrefixCache",
     "QuantSpec",
     "RandomPress",
     "SnapKVPress",
@@ -27,6 +30,7 @@ __all__ = [
     "KVPressCache",
     "KVPressLayer",
     "check_model",
+    "generate_many",
     "is_wrapped",
     "last_generate_stats",
     "load_default_model",

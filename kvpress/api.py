@@ -41,7 +41,8 @@ def check_model(model) -> None:
         raise ValueError(f"kvpress supports attention layers {SUPPORTED_LAYER_TYPES}; this model has {unsupported}.")
 
 
-def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **generate_defaults):
+def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix_cache: Any = None,
+         **generate_defaults):
     """Make `model.generate` compress its KV cache as configured; returns the same model object.
 
     Strings are accepted: press="snapkv:0.5", quant="int8-int4", paged="true". Wrapping twice replaces the
@@ -49,6 +50,15 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **gene
     """
     check_model(model)
     kv_config = resolve_config(press=press, quant=quant, paged=paged)
+    if prefix_cache is not None:
+        from .paged.prefix_cache import PrefixCache
+        from .prefix import check_prefix_config
+
+        if not isinstance(prefix_cache, PrefixCache):
+            raise ValueError(f"prefix_cache must be a kvpress.PrefixCache, got {type(prefix_cache).__name__}.")
+        if not kv_config.paged:
+            raise ValueError("prefix_cache needs paged storage: wrap(model, paged=True, prefix_cache=...).")
+        check_prefix_config(model, kv_config)
     register()
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
@@ -56,6 +66,7 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **gene
         state["original_generate"] = model.generate
         model.set_attn_implementation(ATTENTION_NAME)
     state["config"] = kv_config
+    state["prefix_cache"] = prefix_cache
     state["generate_defaults"] = dict(generate_defaults)
     setattr(model, _STATE_ATTR, state)
     original = state["original_generate"]
@@ -66,6 +77,16 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, **gene
         (this is also how a transformers text-generation pipeline passes them: `pipe(prompt, press="snapkv:0.5")`)."""
         for key, value in state["generate_defaults"].items():
             kwargs.setdefault(key, value)
+        if kwargs.get("past_key_values") is None and state["prefix_cache"] is not None:
+            if press is not _UNSET or quant is not _UNSET:
+                raise ValueError("A per-call press=/quant= cannot be combined with the wrapped prefix_cache.")
+            from .prefix import generate_with_prefix_cache
+
+            if args:
+                kwargs["input_ids"] = args[0]
+            out, cache = generate_with_prefix_cache(model, original, state["prefix_cache"], **kwargs)
+            state["last_stats"] = cache.stats()
+            return out
         if kwargs.get("past_key_values") is None:
             cfg = state["config"]
             if press is not _UNSET or quant is not _UNSET:

@@ -49,7 +49,7 @@ def kvpress_attention_forward(
         if layer.needs_compression:  # the prompt is complete: compress it before the first decode step
             compress(layer, scaling)
         evict_before_decode(layer)
-    if layer.kv.quant is None and not (q_len == 1 and layer.mass is not None):
+    if layer.kv.quant is None and layer.prefix is None and not (q_len == 1 and layer.mass is not None):
         out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
     elif q_len == 1:
         out = _decode_segments(layer, query, key, value, scaling)
@@ -77,6 +77,8 @@ def _decode_segments(layer, query, key, value, scaling):
     """One new token: store it, then attend over every segment with the kernels; accumulate H2O mass."""
     layer.append(key, value, None)
     parts = [(seg.attend(query, layer.kv_start, off, scaling)) for seg, off in layer.kv.offsets() if seg.length]
+    if layer.prefix is not None:
+        parts.append(layer.prefix.attend(query, scaling))
     out, lse = parts[0]
     for o, l in parts[1:]:
         out, lse = merge_attention_states(out, lse, o, l)
@@ -88,7 +90,7 @@ def _decode_segments(layer, query, key, value, scaling):
 
 def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):
     """A chunk after stored tokens: kernels over each stored segment, exact attention within the chunk, merged."""
-    if layer.stored_length == 0:
+    if layer.stored_length == 0 and layer.prefix is None:
         out, _ = sdpa_attention_forward(module, query, key, value, chunk_mask, dropout=dropout, scaling=scaling)
         layer.append(key, value, chunk_valid)
         return out
@@ -96,6 +98,8 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
     for seg, off in layer.kv.offsets():
         if seg.length:
             out, lse = merge_attention_states(out, lse, *seg.attend(query, layer.kv_start, off, scaling))
+    if layer.prefix is not None:
+        out, lse = merge_attention_states(out, lse, *layer.prefix.attend(query, scaling))
     layer.append(key, value, chunk_valid)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 

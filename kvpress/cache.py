@@ -38,6 +38,7 @@ class KVPressLayer(CacheLayerMixin):
         self.needs_compression = False
         self.window_queries: torch.Tensor | None = None  # last prompt queries a press observes (SnapKV)
         self.scaling: float | None = None  # softmax scale the model uses (set by the attention function)
+        self.prefix = None  # SharedPrefix read in place from a PrefixCache (kvpress/prefix.py), or None
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.kv = SegmentedKV(quant)
@@ -185,7 +186,8 @@ class KVPressLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.kv_start, self.n_pad, self.mass, self.window_queries) if t is not None]
-        return self.kv.tensors() + extra
+        shared = self.prefix.tensors() if self.prefix is not None else []
+        return self.kv.tensors() + extra + shared
 
 
 class KVPressCache(Cache):

@@ -46,6 +46,4 @@ def resolve_config(press: Any = None, quant: Any = None, paged: Any = False) -> 
 
         quant = QuantSpec.parse(quant)
     paged = parse_bool(paged, "paged")
-    if paged:
-        raise ValueError("paged=True is not available yet in this version; use paged=False.")
     return KVConfig(press=press, quant=quant, paged=paged)

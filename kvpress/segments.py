@@ -237,3 +237,26 @@ class SegmentedKV:
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     index = idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
     return torch.gather(t, 2, index.to(t.device))
+
+
+class SharedPrefix:
+    """Read-only pages of a shared prompt prefix (from a PrefixCache pool), attended in place through a block table.
+
+    Row b sees its first `ends[b]` prefix tokens; the pages stay owned by the PrefixCache (locked while in use), so
+    every request reading them shares one physical copy.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, ends: torch.Tensor) -> None:
+        self.k, self.v, self.block_table, self.ends = k, v, block_table.to(torch.int32), ends.to(torch.int32)
+
+    def attend(self, q: torch.Tensor, sm_scale: float):
+        start = torch.zeros_like(self.ends)
+        args = (self.k, self.v, None, None, None, None, self.block_table, start, self.ends, sm_scale, 16, 16, None, None)
+        if q.shape[2] == 1:
+            out, lse = decode_attention(q[:, :, 0], *args)
+            return out[:, :, None], lse[:, :, None]
+        return extend_attention(q, *args)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Per-request bookkeeping only: the pages belong to the PrefixCache."""
+        return [self.block_table, self.ends]

@@ -1,0 +1,92 @@
+"""Prefix sharing across generate calls: identical outputs, prefill skipped, pages shared, clean failures."""
+import pytest
+import torch
+
+import kvpress
+from tiny_models import tiny_model
+
+GEN = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def _prompts(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    doc_a = torch.randint(3, 128, (70,), generator=g).tolist()
+    doc_b = torch.randint(3, 128, (40,), generator=g).tolist()
+    tail = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    return [doc_a + tail(5), doc_b + tail(12), doc_a + tail(9), doc_a[:50] + tail(20), doc_b + tail(3),
+            tail(30), doc_a + tail(1), doc_a + tail(33)]
+
+
+def test_outputs_equal_without_prefix_cache_over_interleaved_calls():
+    model = tiny_model("qwen2")
+    prompts = _prompts()
+    kvpress.wrap(model)
+    reference = [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+    cache = kvpress.PrefixCache(max_tokens=2048)
+    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    for round_ in range(2):  # second round: everything hits
+        for batch_size in (1, 3):
+            assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
+        cache.check_invariants()
+    stats = cache.stats()
+    assert stats["matched_tokens"] > 0.5 * stats["queried_tokens"]
+    assert stats["live_matches"] == 0
+
+
+def test_rows_with_different_match_lengths_and_prefill_skipped():
+    model = tiny_model("llama")
+    prompts = _prompts()
+    cache = kvpress.PrefixCache(max_tokens=2048)
+    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    kvpress.generate_many(model, [prompts[0], prompts[1]], **GEN)  # warms doc_a and doc_b
+    computed = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: computed.append(a[0].numel()))
+    out = kvpress.generate_many(model, [prompts[2], prompts[4], prompts[5]], batch_size=3, **GEN)
+    hook.remove()
+    prefill = sum(computed) - 3 * GEN["max_new_tokens"]  # decode steps feed one token per row
+    full = sum(len(p) for p in (prompts[2], prompts[4], prompts[5]))
+    assert prefill < full - 64  # doc_a's 64 and doc_b's 32 page-aligned tokens were not recomputed
+    kvpress.wrap(model)
+    assert out == [kvpress.generate_many(model, [p], **GEN)[0] for p in (prompts[2], prompts[4], prompts[5])]
+
+
+def test_shared_pages_are_held_once():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    doc = torch.randint(3, 128, (640,), generator=g).tolist()
+    prompts = [doc + torch.randint(3, 128, (6,), generator=g).tolist() for _ in range(8)]
+    cache = kvpress.PrefixCache(max_tokens=8192)
+    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    kvpress.generate_many(model, prompts[:1], **GEN)
+    kvpress.generate_many(model, prompts, batch_size=8, **GEN)
+    per_request = kvpress.last_generate_stats(model)["nbytes"]
+    unshared = kvpress.KVPressCache(model.config)
+    kvpress.wrap(model)
+    ids = torch.tensor(prompts)
+    model.generate(input_ids=ids, past_key_values=unshared, **GEN)
+    # each request holds its private tokens (6 + 8 per row, plus store growth slack) instead of 646 + 8 per row;
+    # the 640 shared tokens are held once, by the PrefixCache's pool
+    assert per_request < 0.2 * unshared.stats()["nbytes"]
+    assert cache.stats()["tokens_cached"] < 2 * 640 + 8 * 16
+
+
+def test_full_pool_raises_and_leaves_a_working_cache():
+    model = tiny_model("llama")
+    cache = kvpress.PrefixCache(max_tokens=32)  # two pages
+    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    long_prompt = list(range(3, 120))
+    with pytest.raises(RuntimeError, match="max_tokens"):
+        kvpress.generate_many(model, [long_prompt], **GEN)
+    cache.check_invariants()
+    assert cache.stats()["live_matches"] == 0
+    assert kvpress.generate_many(model, [list(range(3, 20))], **GEN)  # the next call works
+
+
+def test_prefix_cache_rejects_compression_and_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="paged=True"):
+        kvpress.wrap(model, prefix_cache=kvpress.PrefixCache(max_tokens=64))
+    with pytest.raises(ValueError, match="press=None"):
+        kvpress.wrap(model, paged=True, press="snapkv:0.5", prefix_cache=kvpress.PrefixCache(max_tokens=64))
+    with pytest.raises(ValueError, match="PrefixCache"):
+        kvpress.wrap(model, paged=True, prefix_cache={"max_tokens": 64})
