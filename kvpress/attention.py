@@ -122,10 +122,7 @@ def _chunk_attention(query, key, value, chunk_mask, scaling, window):
     for lo in range(0, q_len, block):
         rows = cols[lo : lo + block]
         if chunk_mask is None:
-            allowed = cols[None, :] <= rows[:, None]
-            if window is not None:
-                allowed = allowed & (rows[:, None] - cols[None, :] < window)
-            allowed = allowed[None, None]
+            allowed = _causal_within_chunk(rows, cols, window)
         else:
             allowed = _as_bool(chunk_mask)[:, :, lo : lo + block]
         logits = (query[:, :, lo : lo + block].float() @ k.transpose(-1, -2)) * scaling
@@ -135,6 +132,14 @@ def _chunk_attention(query, key, value, chunk_mask, scaling, window):
         outs.append(probs @ v)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _causal_within_chunk(rows: torch.Tensor, cols: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(1, 1, len(rows), len(cols)) bool: chunk query i sees chunk key j <= i (and i - j < window if sliding)."""
+    allowed = cols[None, :] <= rows[:, None]
+    if window is not None:
+        allowed = allowed & (rows[:, None] - cols[None, :] < window)
+    return allowed[None, None]
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -163,13 +168,7 @@ def _stored_mask(layer, chunk_mask: torch.Tensor | None, n_past: int, q_len: int
     if window is not None:
         # past token c sits at distance (n_past - c) + i from query i; visible while that is < window
         past = past & ((n_past - cols[None, :] + rows[:, None]) < window)[None, None]
-    if chunk_mask is None:
-        chunk = rows[None, :] <= rows[:, None]
-        if window is not None:
-            chunk = chunk & (rows[:, None] - rows[None, :] < window)
-        chunk = chunk[None, None]
-    else:
-        chunk = _as_bool(chunk_mask)
+    chunk = _causal_within_chunk(rows, rows, window) if chunk_mask is None else _as_bool(chunk_mask)
     batch = max(past.shape[0], chunk.shape[0])
     return torch.cat([past.expand(batch, 1, q_len, n_past), chunk.expand(batch, 1, q_len, q_len)], dim=-1)
 

@@ -2,7 +2,8 @@
 
 lm-eval calls a task's ``custom_dataset`` with the task metadata merged with ``--model_args`` and ``--metadata``.
 Understood keys (others are ignored):
-- ``max_seq_lengths``: prompt lengths in tokens (default 2048 and 4096), e.g. ``--metadata '{"max_seq_lengths":[2048]}'``;
+- ``max_seq_lengths``: prompt lengths in tokens (default 2048 and 4096),
+  e.g. ``--metadata '{"max_seq_lengths":[2048]}'``;
 - ``num_samples``: samples per length (default 50); ``seed``: generator seed (default 0);
 - ``tokenizer``, else ``pretrained``: tokenizer that sizes the prompts (``default`` = the embedded default model).
   A ``pretrained`` whose tokenizer cannot be loaded (e.g. a hub id while offline) falls back, with a warning, to the
