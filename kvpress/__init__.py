@@ -7,6 +7,7 @@ from .api import check_model, is_wrapped, last_generate_stats, unwrap, wrap
 from .attention import register as _register_attention
 from .cache import KVPressCache, KVPressLayer
 from .config import KVConfig, resolve_config
+from .named_caches import H2OCache, QuantizedKVCache, SnapKVCache
 from .default_model import load_default_model, load_model
 from .paged.prefix_cache import PrefixCache
 from .prefix import generate_many
@@ -18,7 +19,10 @@ _register_attention()
 _register_pipeline()
 
 __all__ = [
+    "H2OCache",
     "H2OPress",
+    "QuantizedKVCache",
+    "SnapKVCache",
     "KVConfig",
     "KVPressTextGenerationPipeline",
     "KnormPress",

