@@ -11,12 +11,8 @@ import pytest
 import torch
 from test_kernels_fixtures import DEVICE, make_store, plain_attention
 
-from kvpress.kernels.decode import (
-    decode_attention_reference,
-    decode_attention_triton,
-    gather_tokens,
-    store_attention_triton,
-)
+from kvpress.kernels.decode import decode_attention_reference, decode_attention_triton, store_attention_triton
+from kvpress.kernels.store_access import gather_tokens
 
 # (kv_heads, group, head_dim, k_bits, v_bits, k_group, v_group, store dtype, page_size)
 CASES = {

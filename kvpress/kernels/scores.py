@@ -14,13 +14,11 @@ from kvpress.kernels.decode import (
     load_token_halves,
     scale_pointer_args,
     token_pages,
-    check_store_args,
-    gather_dequantized,
     require_triton,
     tl,
-    token_span,
     triton,
 )
+from kvpress.kernels.store_access import check_store_args, gather_dequantized, token_span
 
 
 def _check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
