@@ -141,8 +141,8 @@ def dequantize_codes(
     if bits == 4:  # split halves: low nibbles are the first half of the head dim, high nibbles the second
         half = raw.shape[-1]
         values = torch.empty(*raw.shape[:-1], 2 * half, dtype=torch.float32, device=raw.device)
-        torch.bitwise_and(raw, 15, out=values[..., :half])
-        torch.bitwise_right_shift(raw, 4, out=values[..., half:])
+        values[..., :half] = torch.bitwise_and(raw, 15)  # uint8 -> float32 on assignment (CUDA has no
+        values[..., half:] = torch.bitwise_right_shift(raw, 4)  # mixed-dtype out= for bitwise ops)
     else:
         values = raw.to(torch.float32, memory_format=torch.contiguous_format)
     shape = values.shape
