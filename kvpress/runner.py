@@ -77,7 +77,7 @@ def generate_with_report(
     press: Any = None,
     quant: Any = None,
     max_new_tokens: int = 64,
-    prefill_chunk_size: int | None = 512,
+    prefill_chunk_size: int | None = 1024,
     show_progress: bool = True,
 ) -> GenerationReport:
     """Greedy generation through a fresh KVPressCache; returns the answer, timings and memory stats."""
