@@ -44,9 +44,9 @@ def compress(layer, scaling: float) -> None:
 
 def _row_budgets(layer, press) -> list[int]:
     """Tokens to keep per row: the press budget of the row's real logical length (so batch rows match batch 1)."""
-    batch = kv_batch = layer.kv.batch_size
+    batch = layer.kv.batch_size
     n_pad = layer.n_pad.tolist() if layer.n_pad is not None else [0] * batch
-    start = layer.kv_start.tolist() if layer.kv_start is not None else [0] * kv_batch
+    start = layer.kv_start.tolist() if layer.kv_start is not None else [0] * batch
     stored = layer.kv.length
     return [min(stored - start[b], press.n_keep(layer.logical_length - n_pad[b])) for b in range(batch)]
 

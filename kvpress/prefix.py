@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from .cache import KVPressCache, KVPressLayer
 from .paged.prefix_cache import PrefixCache, PrefixHit
@@ -29,7 +30,8 @@ def namespace(model) -> str:
 def check_prefix_config(model, kv_config) -> None:
     if kv_config.press is not None or kv_config.quant is not None:
         raise ValueError("prefix_cache shares full-precision pages; combine it with press=None and quant=None.")
-    if any(getattr(layer, "is_sliding", False) for layer in KVPressCache(model.config).layers):
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    if any(t != "full_attention" for t in layer_types):
         raise ValueError("prefix_cache does not support sliding-window layers yet (e.g. Gemma3, Mistral).")
 
 
@@ -60,7 +62,7 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
     return out, cache
 
 
-def _attach_prefix(model, layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> None:
+def _attach_prefix(layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> None:
     pool = prefix_cache.pool
     fields = pool.layers[layer_idx]
     layer.prefix = SharedPrefix(fields["k"], fields["v"], tables, ends)
@@ -76,7 +78,7 @@ def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHi
         table = torch.tensor([hit.pages], dtype=torch.int32, device=device)
         ends = torch.tensor([hit.n_tokens], dtype=torch.int32, device=device)
         for idx, layer in enumerate(cache.layers):
-            _attach_prefix(model, layer, prefix_cache, idx, table, ends)
+            _attach_prefix(layer, prefix_cache, idx, table, ends)
             layer.logical_length = hit.n_tokens
     rest = row[hit.n_tokens : -1]
     if rest:
@@ -100,22 +102,19 @@ def _assemble(model, prefix_cache, row_caches, hits, pads, width) -> KVPressCach
         parts = [rc.layers[idx].kv.main.store for rc in row_caches]
         longest = max(p.length for p in parts)
         if longest:
+            like = next(p for p in parts if p.length)
             fields = {}
             for name in ("k", "v"):
-                rows = []
-                for p in parts:
-                    view = p.view(name) if p.length else None
-                    pad_len = longest - p.length
-                    like = next(q for q in parts if q.length).view(name)
-                    filler = like.new_zeros(1, like.shape[1], pad_len, like.shape[3])
-                    rows.append(filler if view is None else torch.cat([filler, view], dim=2))
+                template = like.view(name)
+                rows = [torch.nn.functional.pad(p.view(name), (0, 0, longest - p.length, 0)) if p.length
+                        else template.new_zeros(1, template.shape[1], longest, template.shape[3]) for p in parts]
                 fields[name] = torch.cat(rows, dim=0)
             layer.kv.main.store.append(fields)
             layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
             layer.is_initialized = True
         layer.set_kv_start(torch.tensor([longest - p.length for p in parts], dtype=torch.int32, device=device))
         if bool((ends > 0).any()):
-            _attach_prefix(model, layer, prefix_cache, idx, tables, ends)
+            _attach_prefix(layer, prefix_cache, idx, tables, ends)
         layer.logical_length = width - 1
         layer._refresh_views()
     return cache
