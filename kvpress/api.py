@@ -12,6 +12,7 @@ from typing import Any
 from .attention import ATTENTION_NAME, register
 from .cache import SUPPORTED_LAYER_TYPES, KVPressCache
 from .config import resolve_config
+from .paged_cache import PagedKVCache
 
 _STATE_ATTR = "_kvpress_state"
 _UNSET = object()
@@ -77,24 +78,25 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
         (this is also how a transformers text-generation pipeline passes them: `pipe(prompt, press="snapkv:0.5")`)."""
         for key, value in state["generate_defaults"].items():
             kwargs.setdefault(key, value)
-        if kwargs.get("past_key_values") is None and state["prefix_cache"] is not None:
-            if press is not _UNSET or quant is not _UNSET:
-                raise ValueError("A per-call press=/quant= cannot be combined with the wrapped prefix_cache.")
+        cfg = state["config"]
+        if press is not _UNSET or quant is not _UNSET:
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError("Pass press=/quant= or an explicit past_key_values, not both.")
+            cfg = resolve_config(press=cfg.press if press is _UNSET else press,
+                                 quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged)
+        given = kwargs.get("past_key_values")
+        if isinstance(given, PagedKVCache) or (given is None and state["prefix_cache"] is not None):
             from .prefix import generate_with_prefix_cache
 
             if args:
                 kwargs["input_ids"] = args[0]
-            out, cache = generate_with_prefix_cache(model, original, state["prefix_cache"], **kwargs)
+            prefix_cache = given.prefix_cache if given is not None else state["prefix_cache"]
+            kwargs.pop("past_key_values", None)
+            out, cache = generate_with_prefix_cache(model, original, prefix_cache, kv_config=cfg, cache=given, **kwargs)
             state["last_stats"] = cache.stats()
             return out
-        if kwargs.get("past_key_values") is None:
-            cfg = state["config"]
-            if press is not _UNSET or quant is not _UNSET:
-                cfg = resolve_config(press=cfg.press if press is _UNSET else press,
-                                     quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged)
+        if given is None:
             kwargs["past_key_values"] = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
-        elif press is not _UNSET or quant is not _UNSET:
-            raise ValueError("Pass press=/quant= or an explicit past_key_values, not both.")
         out = original(*args, **kwargs)
         cache = kwargs["past_key_values"]
         state["last_stats"] = cache.stats() if isinstance(cache, KVPressCache) else None

@@ -55,6 +55,9 @@ def kvpress_attention_forward(
         out = _decode_segments(layer, query, key, value, scaling)
     else:
         out = _extend_segments(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
+    if layer.deferred is not None:  # the prompt's last token (prefix sharing): now compress/quantize the prompt
+        layer.encode_deferred(query)
+        return out, None
     if press is not None and q_len > 1:
         observe_chunk(layer, query, scaling)
         if layer.compress_every_chunk:

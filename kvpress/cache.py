@@ -6,15 +6,26 @@ cache. Presses (which tokens to keep), codecs (how tokens are encoded) and store
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from .compress import compress
+from .compress import compress, observe_chunk
 from .segments import FLUSH_BLOCK, SegmentedKV
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+@dataclass
+class DeferredEncoding:
+    """Press and quantization a layer applies once the prompt's last token has been attended in full precision;
+    `window_queries` are the prompt queries the press observed before that token (SnapKV), or None."""
+
+    press: Any
+    quant: Any
+    window_queries: torch.Tensor | None = None
 
 
 class KVPressLayer(CacheLayerMixin):
@@ -39,6 +50,7 @@ class KVPressLayer(CacheLayerMixin):
         self.window_queries: torch.Tensor | None = None  # last prompt queries a press observes (SnapKV)
         self.scaling: float | None = None  # softmax scale the model uses (set by the attention function)
         self.prefix = None  # SharedPrefix read in place from a PrefixCache (kvpress/prefix.py), or None
+        self.deferred: DeferredEncoding | None = None  # prompt held in full precision until its last token (prefix.py)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.kv = SegmentedKV(quant)
@@ -81,6 +93,8 @@ class KVPressLayer(CacheLayerMixin):
         return self.sliding_window if self.is_sliding else -1
 
     def reset(self) -> None:
+        if self.deferred is not None:  # back to the configured encoding, empty
+            self.kv, self.press, self.deferred = SegmentedKV(self.deferred.quant), self.deferred.press, None
         self.kv.clear()
         self.logical_length = 0
         self.kv_start = self.n_pad = self.mass = self.pending = self.window_queries = None
@@ -125,6 +139,9 @@ class KVPressLayer(CacheLayerMixin):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, rows.to(value.device)))
+        if self.deferred is not None and self.deferred.window_queries is not None:
+            queries = self.deferred.window_queries
+            self.deferred.window_queries = queries.index_select(0, rows.to(queries.device))
         self._refresh_views()
 
     def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
@@ -153,6 +170,24 @@ class KVPressLayer(CacheLayerMixin):
         added = torch.where(fully_padded, n_pad, torch.zeros_like(n_pad))
         self.n_pad = added if self.n_pad is None else self.n_pad + added
         self.set_kv_start(start + added)
+
+    def encode_deferred(self, query: torch.Tensor) -> None:
+        """The prompt is complete: re-store the full-precision tokens as one prefill chunk under the deferred
+        press/quant (same segments, padding and observations as if the whole prompt had been prefilled at once)."""
+        deferred, self.deferred = self.deferred, None
+        k, v = self.kv.main.store.view("k"), self.kv.main.store.view("v")
+        n = k.shape[2]
+        valid = None
+        if self.kv_start is not None:
+            valid = torch.arange(n, device=k.device)[None, :] >= self.kv_start.to(k.device)[:, None]
+        self.kv = SegmentedKV(deferred.quant)
+        self.kv_start = self.n_pad = None
+        self.logical_length -= n
+        self.append(k, v, valid)
+        self.press = deferred.press
+        if self.press is not None:
+            self.window_queries = deferred.window_queries
+            observe_chunk(self, query, self.scaling)
 
     def set_kv_start(self, start: torch.Tensor | None) -> None:
         """Record per-row first attended stored token; None when it is 0 everywhere (no masking needed)."""

@@ -2,12 +2,14 @@
 
 For each row, the longest cached page-aligned prefix of its prompt is read in place from the PrefixCache's pages
 (one physical copy shared by every request, locked while in use); only the rest of the prompt is computed, row by
-row, with the extend path. The rows are then assembled into one batched cache (private tokens right-aligned, left
-slots masked) and `generate` decodes as usual. Afterwards the prompt and generated tokens are inserted.
+row, with the extend path. The rows are then assembled into one batched PagedKVCache and `generate` decodes as usual.
 
-Rule for compression and sharing: shared pages are immutable, full-precision KV exactly as computed; a request may
-only add private tokens after them. Presses and quantization are therefore rejected together with a prefix cache in
-this version (clear error) rather than silently mixing compressed and shared KV.
+Rule for compression and sharing: shared pages are immutable and hold exact full-precision KV, whatever the
+requests' press or quantization. An uncompressed request attends them in place (its cache holds only its private
+tokens). A compressed request (press and/or quant) gets its own copy of the prefix: its prompt is held in full
+precision until the prompt's last token has been attended, then quantized and pressed exactly as if the whole prompt
+had been one prefill chunk (DeferredEncoding), so its outputs equal those without the prefix cache. Sharing then saves
+the prefix's prefill compute; its memory is the request's own compressed cache. No request sees another's private KV.
 """
 from __future__ import annotations
 
@@ -16,46 +18,73 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .cache import KVPressCache, KVPressLayer
+from .cache import DeferredEncoding, KVPressCache, KVPressLayer
+from .config import KVConfig
 from .paged.prefix_cache import PrefixCache, PrefixHit
-from .segments import SharedPrefix
+from .paged_cache import PagedKVCache
+from .segments import SegmentedKV, SharedPrefix
 
 
 def namespace(model) -> str:
-    """KV made under different models or dtypes never mixes."""
+    """KV made under different models or dtypes never mixes (pages are full precision whatever press/quant)."""
     cfg = model.config
     return f"{cfg._name_or_path}|{cfg.model_type}|{model.dtype}|layers={cfg.num_hidden_layers}|fp"
 
 
-def check_prefix_config(model, kv_config) -> None:
-    if kv_config.press is not None or kv_config.quant is not None:
-        raise ValueError("prefix_cache shares full-precision pages; combine it with press=None and quant=None.")
+def check_prefix_config(model, kv_config: KVConfig) -> None:
+    """Reject what prefix sharing cannot reproduce exactly, before any work starts."""
+    press = kv_config.press
+    if press is not None and (press.needs_attention_mass or press.max_tokens is not None):
+        raise ValueError(
+            f"prefix_cache cannot be combined with {type(press).__name__}(needs_attention_mass="
+            f"{press.needs_attention_mass}, max_tokens={press.max_tokens}): it scores with the attention of every "
+            "prompt query, and a shared prefix's queries are not recomputed. Use snapkv, streaming, knorm or random, "
+            "or no prefix_cache."
+        )
     layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     if any(t != "full_attention" for t in layer_types):
         raise ValueError("prefix_cache does not support sliding-window layers yet (e.g. Gemma3, Mistral).")
 
 
 def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: PrefixCache, input_ids: torch.Tensor,
-                               attention_mask: torch.Tensor | None = None, **kwargs: Any):
+                               attention_mask: torch.Tensor | None = None, kv_config: KVConfig | None = None,
+                               cache: PagedKVCache | None = None, **kwargs: Any):
     """Run `generate_fn` (the model's original generate) reusing and then extending `prefix_cache`.
 
-    Returns (generate output, the batched KVPressCache used; its stats() count the private tokens and the
-    per-request page tables, while the shared pages are counted once by prefix_cache.stats())."""
+    `cache` (an empty PagedKVCache) or `kv_config` says how the request compresses. Returns (generate output, the
+    PagedKVCache used: its stats() count the private tokens, and the shared pages it read, which prefix_cache.stats()
+    counts once)."""
+    kv_config = cache.kv_config if cache is not None else (kv_config or KVConfig(paged=True))
+    check_prefix_config(model, kv_config)
+    if cache is None:
+        cache = PagedKVCache(model.config, prefix_cache, press=kv_config.press, quant=kv_config.quant)
+    elif cache.get_seq_length() or cache.prefix_cache is not prefix_cache:
+        raise ValueError("generate with a PagedKVCache needs a fresh one (one per generate call).")
     batch, width = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     lengths = mask.sum(dim=1).tolist()
     pads = [width - n for n in lengths]
     if not all(bool(mask[b, pads[b]:].all()) for b in range(batch)):
         raise ValueError("prefix_cache needs left-padded inputs (tokenizer.padding_side = 'left').")
+    compressed = kv_config.press is not None or kv_config.quant is not None
+    window = kv_config.press.query_window if kv_config.press is not None else 0
     ns = namespace(model)
     rows = [input_ids[b, pads[b]:].tolist() for b in range(batch)]
-    hits = [prefix_cache.match(ns, row, limit=len(row) - 1) for row in rows]
+    # a compressing press observes the last `window` prompt queries: those are always computed, never matched
+    hits = [prefix_cache.match(ns, row, limit=max(0, len(row) - max(1, window))) for row in rows]
     try:
-        row_caches = [_prefill_row(model, prefix_cache, row, hit) for row, hit in zip(rows, hits)]
-        cache = _assemble(model, prefix_cache, row_caches, hits, pads, width)
+        observer = kv_config.press if window else None
+        row_caches = [_prefill_row(model, prefix_cache, row, hit, observer) for row, hit in zip(rows, hits)]
+        if compressed:
+            _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width)
+            _insert_prompts(prefix_cache, ns, cache, rows, pads)
+        else:
+            _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
+        cache.record_hits(hits)
         out = generate_fn(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs)
+        if not compressed:
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs)
     finally:
         for hit in hits:
             prefix_cache.release(hit)
@@ -70,10 +99,15 @@ def _attach_prefix(layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: in
     layer.is_initialized = True
 
 
-def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHit) -> KVPressCache:
-    """Batch-1 cache of one row: the matched prefix in place, the rest of the prompt (but its last token) computed."""
+def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHit, observer=None) -> KVPressCache:
+    """Batch-1 cache of one row: the matched prefix in place, the rest of the prompt (but its last token) computed.
+
+    With an `observer` press, its layers record the queries the press will need (nothing is compressed here)."""
     cache = KVPressCache(model.config)
     device = model.device
+    if observer is not None:
+        for layer in cache.layers:
+            layer.press = observer
     if hit.n_tokens:
         table = torch.tensor([hit.pages], dtype=torch.int32, device=device)
         ends = torch.tensor([hit.n_tokens], dtype=torch.int32, device=device)
@@ -87,10 +121,8 @@ def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHi
     return cache
 
 
-def _assemble(model, prefix_cache, row_caches, hits, pads, width) -> KVPressCache:
-    """One batched cache: private tokens right-aligned per row (left slots masked), shared prefixes in place."""
-    cache = KVPressCache(model.config)
-    device = model.device
+def _assemble(cache, device, prefix_cache, row_caches, hits, pads, width) -> None:
+    """Fill the batched cache: private tokens right-aligned per row (left slots masked), shared prefixes in place."""
     batch = len(row_caches)
     n_pages = max((len(h.pages) for h in hits), default=0)
     tables = torch.zeros(batch, max(n_pages, 1), dtype=torch.int32, device=device)
@@ -117,7 +149,55 @@ def _assemble(model, prefix_cache, row_caches, hits, pads, width) -> KVPressCach
             _attach_prefix(layer, prefix_cache, idx, tables, ends)
         layer.logical_length = width - 1
         layer._refresh_views()
-    return cache
+
+
+def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width) -> None:
+    """Fill the batched cache of compressed requests: each row's whole prompt but its last token in full precision
+    (shared prefix copied from the pages, then the row's private tokens), laid out exactly as a left-padded prefill
+    would; press and quant apply once the last prompt token has been attended (DeferredEncoding)."""
+    for idx, layer in enumerate(cache.layers):
+        per_row = []
+        for rc, hit in zip(row_caches, hits):
+            private = rc.layers[idx].kv.main.store
+            parts = [prefix_cache.gather(hit, idx)] if hit.n_tokens else []
+            if private.length:
+                parts.append({name: private.view(name)[0] for name in ("k", "v")})
+            per_row.append({name: torch.cat([p[name] for p in parts], dim=1) for name in ("k", "v")})
+        fields = {name: torch.stack([torch.nn.functional.pad(r[name], (0, 0, pad, 0)) for r, pad in
+                                     zip(per_row, pads)]) for name in ("k", "v")}
+        queries = _batched_window_queries([rc.layers[idx].window_queries for rc in row_caches], layer.press)
+        layer.deferred = DeferredEncoding(layer.press, layer.kv.quant, queries)
+        layer.press, layer.kv = None, SegmentedKV(None)
+        layer.kv.main.store.append(fields)
+        layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
+        layer.is_initialized = True
+        layer.set_kv_start(torch.tensor(pads, dtype=torch.int32, device=layer.device))
+        layer.logical_length = width - 1
+        layer._refresh_views()
+
+
+def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
+    """The last (window - 1) prompt queries before the last token, per row, left-padded with zeros where a row's
+    prompt is shorter (padding queries are ignored by the press)."""
+    if press is None or not press.query_window or all(q is None for q in row_queries):
+        return None
+    like = next(q for q in row_queries if q is not None)
+    n = min(press.query_window - 1, max(q.shape[2] for q in row_queries if q is not None))
+    if n == 0:
+        return None
+    rows = []
+    for q in row_queries:
+        q = like.new_zeros(1, like.shape[1], 0, like.shape[3]) if q is None else q[:, :, -n:]
+        rows.append(torch.nn.functional.pad(q, (0, 0, n - q.shape[2], 0)))
+    return torch.cat(rows, dim=0)
+
+
+def _insert_prompts(prefix_cache, ns, cache, rows, pads) -> None:
+    """Store each row's prompt but its last token from the deferred full-precision copy (before it is compressed)."""
+    for b, row in enumerate(rows):
+        layers = [{name: layer.kv.main.store.view(name)[b, :, pads[b]:] for name in ("k", "v")}
+                  for layer in cache.layers]
+        prefix_cache.store(ns, row[:-1], layers)
 
 
 def _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs) -> None:

@@ -17,13 +17,22 @@ def _prompts(seed=3):
             tail(30), doc_a + tail(1), doc_a + tail(33)]
 
 
-def test_outputs_equal_without_prefix_cache_over_interleaved_calls():
+COMPRESSION = {"fp": {}, "quant": {"quant": "int8-int4:g8:r8:s2"},
+               "snapkv": {"press": kvpress.SnapKVPress(compression_ratio=0.5, window_size=8)},
+               "streaming+quant": {"press": "streaming:0.5", "quant": "int8-int4:g8:r8:s2"}}
+
+
+@pytest.mark.parametrize("compression", COMPRESSION.values(), ids=COMPRESSION.keys())
+def test_outputs_equal_without_prefix_cache_over_interleaved_calls(compression):
     model = tiny_model("qwen2")
     prompts = _prompts()
-    kvpress.wrap(model)
+    kvpress.wrap(model, **compression)
     reference = [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+    if compression:  # the comparison can tell: compression changes some outputs of this model
+        kvpress.wrap(model)
+        assert reference != [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
     cache = kvpress.PrefixCache(max_tokens=2048)
-    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     for round_ in range(2):  # second round: everything hits
         for batch_size in (1, 3):
             assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
@@ -86,7 +95,34 @@ def test_prefix_cache_rejects_compression_and_bad_arguments():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="paged=True"):
         kvpress.wrap(model, prefix_cache=kvpress.PrefixCache(max_tokens=64))
-    with pytest.raises(ValueError, match="press=None"):
-        kvpress.wrap(model, paged=True, press="snapkv:0.5", prefix_cache=kvpress.PrefixCache(max_tokens=64))
+    with pytest.raises(ValueError, match="H2OPress"):
+        kvpress.wrap(model, paged=True, press="h2o:0.5", prefix_cache=kvpress.PrefixCache(max_tokens=64))
+    with pytest.raises(ValueError, match="PrefixCache"):
+        kvpress.PagedKVCache(model.config, prefix_cache=None)
     with pytest.raises(ValueError, match="PrefixCache"):
         kvpress.wrap(model, paged=True, prefix_cache={"max_tokens": 64})
+
+
+def test_paged_kv_cache_passed_to_generate_shares_and_reports_pages():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(3, 128, (96,), generator=g).tolist()
+    ids = torch.tensor([doc + torch.randint(3, 128, (7,), generator=g).tolist() for _ in range(3)])
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024)
+    kvpress.wrap(model)
+    reference = model.generate(input_ids=ids, quant="int8-int4:g8:r8:s2", **GEN)
+    reference_bytes = kvpress.last_generate_stats(model)["nbytes"]
+    first = kvpress.PagedKVCache(model.config, prefix_cache, quant="int8-int4:g8:r8:s2")
+    assert torch.equal(model.generate(input_ids=ids[:1], past_key_values=first, **GEN), reference[:1])
+    assert first.stats()["pages_used"] == 0
+    cache = kvpress.PagedKVCache(model.config, prefix_cache, quant="int8-int4:g8:r8:s2")
+    assert torch.equal(model.generate(input_ids=ids, past_key_values=cache, **GEN), reference)
+    stats = cache.stats()
+    assert stats["matched_tokens"] == [96, 96, 96]
+    assert stats["pages_used"] == 6 and stats["pages_shared"] == 6  # 96 tokens = 6 pages, read by all 3 rows
+    # a compressed request holds its own quantized copy: the same bytes as without the prefix cache
+    assert stats["quant"].startswith("int8-int4") and stats["nbytes"] == reference_bytes
+    with pytest.raises(ValueError, match="fresh"):
+        model.generate(input_ids=ids, past_key_values=cache, **GEN)
+    prefix_cache.check_invariants()
+    assert prefix_cache.stats()["live_matches"] == 0

@@ -1,0 +1,50 @@
+"""PagedKVCache: the cache of one generate call that reads shared prompt prefixes from a PrefixCache's pages."""
+from __future__ import annotations
+
+from typing import Any
+
+from .cache import KVPressCache
+from .paged.prefix_cache import PrefixCache, PrefixHit
+
+
+class PagedKVCache(KVPressCache):
+    """KVPressCache whose rows start with prefixes shared through `prefix_cache` (page tables, read in place).
+
+    Use it on a wrapped model: `model.generate(**inputs, past_key_values=PagedKVCache(model.config, prefix_cache))`
+    matches each row against the prefix cache, computes only the rest and stores the new prompt afterwards (the same
+    as `wrap(model, paged=True, prefix_cache=...)`). One cache per generate call.
+    """
+
+    def __init__(self, config, prefix_cache: PrefixCache, press: Any = None, quant: Any = None, **kwargs: Any) -> None:
+        if not isinstance(prefix_cache, PrefixCache):
+            raise ValueError(f"PagedKVCache needs a kvpress.PrefixCache, got {type(prefix_cache).__name__}.")
+        super().__init__(config, press=press, quant=quant, paged=True, **kwargs)
+        self.prefix_cache = prefix_cache
+        self.row_pages: list[list[int]] = []  # per row: the shared pages it matched
+        self.row_matched: list[int] = []  # per row: prompt tokens reused instead of computed
+
+    def record_hits(self, hits: list[PrefixHit]) -> None:
+        self.row_pages = [list(h.pages) for h in hits]
+        self.row_matched = [h.n_tokens for h in hits]
+
+    def stats(self) -> dict[str, Any]:
+        """KVPressCache.stats() (bytes this request holds privately) plus the shared pages it used.
+
+        `pages_used`: distinct pool pages its rows matched; `pages_shared`: those matched by more than one of its
+        rows; `shared_nbytes`: their bytes, held once by the PrefixCache (not in `nbytes`); `matched_tokens`: prompt
+        tokens per row that were not recomputed. Uncompressed requests read these pages in place; compressed ones
+        read a compressed copy (counted in `nbytes`)."""
+        stats = super().stats()
+        counts: dict[int, int] = {}
+        for pages in self.row_pages:
+            for page in pages:
+                counts[page] = counts.get(page, 0) + 1
+        pool = self.prefix_cache.pool
+        page_bytes = pool.nbytes() // pool.num_pages if pool is not None else 0
+        stats.update(
+            pages_used=len(counts),
+            pages_shared=sum(1 for c in counts.values() if c > 1),
+            shared_nbytes=len(counts) * page_bytes,
+            matched_tokens=list(self.row_matched),
+        )
+        return stats
