@@ -2,8 +2,11 @@
 bytes for many requests sharing a long prefix, and page waste over a random mix of lengths.
 
     python eval/bench_prefix.py --prefix-tokens 3000 --suffix-tokens 100 --requests 16
+    python eval/bench_prefix.py --quant int8-int4 --out eval/results/prefix_int8-int4
 
-Writes eval/results/prefix.json and eval/results/prefix.md.
+Writes eval/results/prefix.json and eval/results/prefix.md (or --out). With --quant/--press every request (with and
+without the prefix cache) compresses; the shared pages stay full precision and each request holds its own compressed
+copy (docs/ARCHITECTURE.md), so the memory rows then compare compressed requests with and without sharing.
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ def _text_ids(tok, n: int, offset: int) -> list[int]:
     return ids[:n]
 
 
-def time_to_first_token(model, prompt: list[int]) -> float:
-    """Seconds until the first new token (one generate step: prefill + first token)."""
+def time_to_first_token(model, prompt: list[int]) -> tuple[float, list[int]]:
+    """Seconds until the first new token (one generate step: prefill + first token), and that token."""
     start = time.perf_counter()
-    kvpress.generate_many(model, [prompt], max_new_tokens=1, do_sample=False, eos_token_id=None)
-    return time.perf_counter() - start
+    out = kvpress.generate_many(model, [prompt], max_new_tokens=1, do_sample=False, eos_token_id=None)
+    return time.perf_counter() - start, out[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suffix-tokens", type=int, default=100)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quant", default=None, help="e.g. int8-int4 (default: none)")
+    parser.add_argument("--press", default=None, help="e.g. snapkv:0.5 (default: none)")
     parser.add_argument("--out", default="eval/results/prefix")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -48,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     suffixes = [_text_ids(tok, args.suffix_tokens, 1000 + 97 * i) for i in range(args.requests + 1)]
     first, second = doc + suffixes[0], doc + suffixes[1]
 
-    kvpress.wrap(model)
-    ttft_plain = time_to_first_token(model, second)
+    compression = dict(press=args.press, quant=args.quant)
+    kvpress.wrap(model, **compression)
+    ttft_plain, token_plain = time_to_first_token(model, second)
     cache = kvpress.PrefixCache(max_tokens=4 * (args.prefix_tokens + args.suffix_tokens) + 4096)
-    kvpress.wrap(model, paged=True, prefix_cache=cache)
+    kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     time_to_first_token(model, first)  # fills the prefix cache
     computed = []
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: computed.append(a[0].numel()))
-    ttft_cached = time_to_first_token(model, second)
+    ttft_cached, token_cached = time_to_first_token(model, second)
     hook.remove()
 
     # 16 requests sharing the document, one batch: private KV per request vs 16 unshared caches
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                           eos_token_id=None)
     private = kvpress.last_generate_stats(model)["nbytes"]
     pool_stats = cache.stats()
-    kvpress.wrap(model)
+    kvpress.wrap(model, **compression)
     kvpress.generate_many(model, prompts[:1], max_new_tokens=2, do_sample=False, eos_token_id=None)
     one_unshared = kvpress.last_generate_stats(model)["nbytes"]
 
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     page_tokens = waste_cache.stats()["pages_used"] * waste_cache.page_size
     allocated = page_tokens
     result = {
-        "model": "SmolLM2-135M-Instruct fp32, CPU", "threads": args.threads,
+        "model": "SmolLM2-135M-Instruct fp32, CPU", "threads": args.threads, "press": args.press,
+        "quant": args.quant, "same_first_token": token_plain == token_cached,
         "command": "python eval/bench_prefix.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "ttft_without_prefix_cache_s": ttft_plain, "ttft_with_prefix_cache_s": ttft_cached,
         "ttft_speedup": ttft_plain / ttft_cached,
@@ -103,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     mib = 1 << 20
     out.with_suffix(".md").write_text(
-        f"# Prefix sharing (default model, CPU)\n\nCommand: `{result['command']}`\n\n"
+        f"# Prefix sharing (default model, CPU; press={args.press}, quant={args.quant})\n\n"
+        f"Command: `{result['command']}`\n\n"
         f"| measure | value |\n|---|---|\n"
         f"| TTFT, {len(second)}-token prompt, no prefix cache | {ttft_plain:.2f} s |\n"
         f"| TTFT, same prompt sharing {args.prefix_tokens} tokens with a cached one | {ttft_cached:.2f} s |\n"
         f"| speed-up | {result['ttft_speedup']:.1f}x |\n"
+        f"| same first token with and without the prefix cache | {result['same_first_token']} |\n"
         f"| prompt tokens computed with the cache | {sum(computed)} of {len(second)} |\n"
         f"| {args.requests} requests: private KV (all) | {private / mib:.1f} MiB |\n"
         f"| shared prefix pages (pool, used) | {result['shared_pool_bytes_used'] / mib:.1f} MiB |\n"
