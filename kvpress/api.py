@@ -59,7 +59,7 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
             raise ValueError(f"prefix_cache must be a kvpress.PrefixCache, got {type(prefix_cache).__name__}.")
         if not kv_config.paged:
             raise ValueError("prefix_cache needs paged storage: wrap(model, paged=True, prefix_cache=...).")
-        check_prefix_config(model, kv_config)
+        check_prefix_config(model, kv_config, prefix_cache)
     register()
     state = getattr(model, _STATE_ATTR, None)
     if state is None:

@@ -26,6 +26,8 @@ class DeferredEncoding:
     press: Any
     quant: Any
     window_queries: torch.Tensor | None = None
+    shared: Any = None  # SharedPrefix of quantized codes standing in for stored slots shared_slots[0]:shared_slots[1]
+    shared_slots: tuple[int, int] = (0, 0)
 
 
 class KVPressLayer(CacheLayerMixin):
@@ -132,6 +134,13 @@ class KVPressLayer(CacheLayerMixin):
 
     def index_batch(self, rows: torch.Tensor) -> None:
         """Select/reorder batch rows of every per-row tensor."""
+        if self.prefix is not None:
+            self.prefix.index_batch(rows)
+        if self.deferred is not None and self.deferred.shared is not None:
+            self.deferred.shared.index_batch(rows)
+        if self.deferred is not None and self.deferred.window_queries is not None:
+            queries = self.deferred.window_queries
+            self.deferred.window_queries = queries.index_select(0, rows.to(queries.device))
         if not self.kv.length:
             return
         self.kv.index_batch(rows)
@@ -139,9 +148,6 @@ class KVPressLayer(CacheLayerMixin):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, rows.to(value.device)))
-        if self.deferred is not None and self.deferred.window_queries is not None:
-            queries = self.deferred.window_queries
-            self.deferred.window_queries = queries.index_select(0, rows.to(queries.device))
         self._refresh_views()
 
     def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
@@ -177,13 +183,18 @@ class KVPressLayer(CacheLayerMixin):
         deferred, self.deferred = self.deferred, None
         k, v = self.kv.main.store.view("k"), self.kv.main.store.view("v")
         n = k.shape[2]
-        valid = None
-        if self.kv_start is not None:
-            valid = torch.arange(n, device=k.device)[None, :] >= self.kv_start.to(k.device)[:, None]
+        valid = torch.arange(n, device=k.device)[None, :] >= (
+            self.kv_start.to(k.device)[:, None] if self.kv_start is not None else 0)
+        lo, hi = deferred.shared_slots
+        if hi > lo:  # these quantized-middle slots are read from the shared pages instead of being stored
+            k, v, valid = (torch.cat([t[:, :, :lo], t[:, :, hi:]], dim=2) for t in (k, v, valid[:, None]))
+            valid = valid[:, 0]
+            self.prefix = deferred.shared
         self.kv = SegmentedKV(deferred.quant)
         self.kv_start = self.n_pad = None
-        self.logical_length -= n
-        self.append(k, v, valid)
+        logical, self.logical_length = self.logical_length, 0
+        self.append(k, v, None if bool(valid.all()) else valid)
+        self.logical_length = logical
         self.press = deferred.press
         if self.press is not None:
             self.window_queries = deferred.window_queries

@@ -5,6 +5,23 @@ from typing import Any
 
 from .cache import KVPressCache
 from .paged.prefix_cache import PrefixCache, PrefixHit
+from .quant.spec import QuantSpec
+
+
+def shared_codes_spec(prefix_cache: PrefixCache) -> QuantSpec | None:
+    """The encoding whose codes `prefix_cache` keeps beside full precision (its `quant`), parsed; None if none."""
+    if prefix_cache.quant is None:
+        return None
+    try:
+        return QuantSpec.parse(prefix_cache.quant)
+    except ValueError as err:
+        raise ValueError(f"PrefixCache(quant={prefix_cache.quant!r}) is not a valid quantization: {err}") from None
+
+
+def same_codes(a: QuantSpec | None, b: QuantSpec | None) -> bool:
+    """Whether two specs give every token the same codes (sinks and window size do not change a token's codes)."""
+    return a is not None and b is not None and (a.k_bits, a.v_bits, a.k_group_size, a.group_size) == (
+        b.k_bits, b.v_bits, b.k_group_size, b.group_size)
 
 
 class PagedKVCache(KVPressCache):
@@ -18,6 +35,7 @@ class PagedKVCache(KVPressCache):
     def __init__(self, config, prefix_cache: PrefixCache, press: Any = None, quant: Any = None, **kwargs: Any) -> None:
         if not isinstance(prefix_cache, PrefixCache):
             raise ValueError(f"PagedKVCache needs a kvpress.PrefixCache, got {type(prefix_cache).__name__}.")
+        shared_codes_spec(prefix_cache)
         super().__init__(config, press=press, quant=quant, paged=True, **kwargs)
         self.prefix_cache = prefix_cache
         self.row_pages: list[list[int]] = []  # per row: the shared pages it matched

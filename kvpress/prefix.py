@@ -21,8 +21,11 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from .cache import DeferredEncoding, KVPressCache, KVPressLayer
 from .config import KVConfig
 from .paged.prefix_cache import PrefixCache, PrefixHit
-from .paged_cache import PagedKVCache
+from .paged_cache import PagedKVCache, same_codes, shared_codes_spec
+from .quant.codec import quantize
 from .segments import SegmentedKV, SharedPrefix
+
+CODE_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 
 def namespace(model) -> str:
@@ -31,8 +34,10 @@ def namespace(model) -> str:
     return f"{cfg._name_or_path}|{cfg.model_type}|{model.dtype}|layers={cfg.num_hidden_layers}|fp"
 
 
-def check_prefix_config(model, kv_config: KVConfig) -> None:
+def check_prefix_config(model, kv_config: KVConfig, prefix_cache: PrefixCache | None = None) -> None:
     """Reject what prefix sharing cannot reproduce exactly, before any work starts."""
+    if prefix_cache is not None:
+        shared_codes_spec(prefix_cache)
     press = kv_config.press
     if press is not None and (press.needs_attention_mass or press.max_tokens is not None):
         raise ValueError(
@@ -55,7 +60,7 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
     PagedKVCache used: its stats() count the private tokens, and the shared pages it read, which prefix_cache.stats()
     counts once)."""
     kv_config = cache.kv_config if cache is not None else (kv_config or KVConfig(paged=True))
-    check_prefix_config(model, kv_config)
+    check_prefix_config(model, kv_config, prefix_cache)
     if cache is None:
         cache = PagedKVCache(model.config, prefix_cache, press=kv_config.press, quant=kv_config.quant)
     elif cache.get_seq_length() or cache.prefix_cache is not prefix_cache:
@@ -76,7 +81,8 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
         observer = kv_config.press if window else None
         row_caches = [_prefill_row(model, prefix_cache, row, hit, observer) for row, hit in zip(rows, hits)]
         if compressed:
-            _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width)
+            codes = same_codes(kv_config.quant, shared_codes_spec(prefix_cache)) and kv_config.press is None
+            _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
             _insert_prompts(prefix_cache, ns, cache, rows, pads)
         else:
             _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
@@ -94,7 +100,7 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
 def _attach_prefix(layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> None:
     pool = prefix_cache.pool
     fields = pool.layers[layer_idx]
-    layer.prefix = SharedPrefix(fields["k"], fields["v"], tables, ends)
+    layer.prefix = SharedPrefix({"k": fields["k"], "v": fields["v"]}, tables, torch.zeros_like(ends), ends)
     layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
     layer.is_initialized = True
 
@@ -123,12 +129,7 @@ def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHi
 
 def _assemble(cache, device, prefix_cache, row_caches, hits, pads, width) -> None:
     """Fill the batched cache: private tokens right-aligned per row (left slots masked), shared prefixes in place."""
-    batch = len(row_caches)
-    n_pages = max((len(h.pages) for h in hits), default=0)
-    tables = torch.zeros(batch, max(n_pages, 1), dtype=torch.int32, device=device)
-    for b, hit in enumerate(hits):
-        if hit.pages:
-            tables[b, : len(hit.pages)] = torch.tensor(hit.pages, dtype=torch.int32, device=device)
+    tables = _block_tables(hits, device)
     ends = torch.tensor([h.n_tokens for h in hits], dtype=torch.int32, device=device)
     for idx, layer in enumerate(cache.layers):
         parts = [rc.layers[idx].kv.main.store for rc in row_caches]
@@ -151,10 +152,46 @@ def _assemble(cache, device, prefix_cache, row_caches, hits, pads, width) -> Non
         layer._refresh_views()
 
 
-def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width) -> None:
+def _block_tables(hits: list[PrefixHit], device) -> torch.Tensor:
+    """int32 (B, max pages) block tables of the rows' hits (unused entries 0, never read past a row's end)."""
+    n_pages = max((len(h.pages) for h in hits), default=0)
+    tables = torch.zeros(len(hits), max(n_pages, 1), dtype=torch.int32, device=device)
+    for b, hit in enumerate(hits):
+        if hit.pages:
+            tables[b, : len(hit.pages)] = torch.tensor(hit.pages, dtype=torch.int32, device=device)
+    return tables
+
+
+def _shared_code_slots(quant, hits, pads, width) -> tuple[int, int]:
+    """Stored slots [lo, hi) of the quantized middle that every row can read from the shared pages' codes.
+
+    A left-padded prefill of `width` tokens stores slots [n_sink, width - residual) quantized; row b's slot j holds
+    its token j - pads[b], matched (and shared) when j < pads[b] + n_tokens. Empty (lo == hi) when nothing fits."""
+    lo = quant.n_sink
+    hi = min([max(lo, pad + hit.n_tokens) for hit, pad in zip(hits, pads)] + [width - quant.residual])
+    return lo, max(lo, hi)
+
+
+def _shared_codes(prefix_cache, layer_idx, hits, pads, slots, quant, device) -> SharedPrefix:
+    """The rows' shared codes for stored slots [lo, hi): row b reads its tokens [lo - pad_b, hi - pad_b) (clipped
+    at 0) from its pages, in place."""
+    lo, hi = slots
+    f = prefix_cache.pool.layers[layer_idx]
+    fields = {"k": f["k_codes"], "v": f["v_codes"], "k_scale": f["k_scale"], "k_zero": f["k_zero"],
+              "v_scale": f["v_scale"], "v_zero": f["v_zero"]}
+    starts = torch.tensor([max(lo - pad, 0) for pad in pads], dtype=torch.int32, device=device)
+    ends = torch.maximum(torch.tensor([hi - pad for pad in pads], dtype=torch.int32, device=device), starts)
+    return SharedPrefix(fields, _block_tables(hits, device), starts, ends, (quant.k_bits, quant.v_bits),
+                        (quant.k_group_size, quant.group_size))
+
+
+def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, shared_quant=None) -> None:
     """Fill the batched cache of compressed requests: each row's whole prompt but its last token in full precision
     (shared prefix copied from the pages, then the row's private tokens), laid out exactly as a left-padded prefill
-    would; press and quant apply once the last prompt token has been attended (DeferredEncoding)."""
+    would; press and quant apply once the last prompt token has been attended (DeferredEncoding). With
+    `shared_quant` (the request's quantization, whose codes the pool keeps), the quantized middle slots every row
+    matched are then read from the pool's codes in place instead of being stored privately."""
+    slots = _shared_code_slots(shared_quant, hits, pads, width) if shared_quant is not None else (0, 0)
     for idx, layer in enumerate(cache.layers):
         per_row = []
         for rc, hit in zip(row_caches, hits):
@@ -167,6 +204,10 @@ def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width) -> No
                                      zip(per_row, pads)]) for name in ("k", "v")}
         queries = _batched_window_queries([rc.layers[idx].window_queries for rc in row_caches], layer.press)
         layer.deferred = DeferredEncoding(layer.press, layer.kv.quant, queries)
+        if slots[1] > slots[0]:
+            layer.deferred.shared = _shared_codes(prefix_cache, idx, hits, pads, slots, shared_quant,
+                                                  fields["k"].device)
+            layer.deferred.shared_slots = slots
         layer.press, layer.kv = None, SegmentedKV(None)
         layer.kv.main.store.append(fields)
         layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
@@ -195,9 +236,20 @@ def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
 def _insert_prompts(prefix_cache, ns, cache, rows, pads) -> None:
     """Store each row's prompt but its last token from the deferred full-precision copy (before it is compressed)."""
     for b, row in enumerate(rows):
-        layers = [{name: layer.kv.main.store.view(name)[b, :, pads[b]:] for name in ("k", "v")}
-                  for layer in cache.layers]
+        layers = [_with_codes(prefix_cache, {name: layer.kv.main.store.view(name)[b, :, pads[b]:]
+                                             for name in ("k", "v")}) for layer in cache.layers]
         prefix_cache.store(ns, row[:-1], layers)
+
+
+def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the codes of the PrefixCache's `quant` (computed exactly as a quantized cache computes them) to full-
+    precision fields (H_kv, n, D), when it keeps codes."""
+    spec = shared_codes_spec(prefix_cache)
+    if spec is None:
+        return fields
+    kq, ks, kz = quantize(fields["k"], spec.k_bits, spec.k_group_size)
+    vq, vs, vz = quantize(fields["v"], spec.v_bits, spec.group_size)
+    return {**fields, **dict(zip(CODE_FIELDS, (kq, ks, kz, vq, vs, vz)))}
 
 
 def _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs) -> None:
@@ -220,7 +272,7 @@ def _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs
             for name in ("k", "v"):
                 private = layer.kv.main.store.view(name)[b, :, start : start + private_n]
                 per_field[name] = private if shared is None else torch.cat([shared[name], private], dim=1)
-            layers.append(per_field)
+            layers.append(_with_codes(prefix_cache, per_field))
         prefix_cache.store(ns, tokens, layers)
 
 

@@ -242,21 +242,31 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class SharedPrefix:
     """Read-only pages of a shared prompt prefix (from a PrefixCache pool), attended in place through a block table.
 
-    Row b sees its first `ends[b]` prefix tokens; the pages stay owned by the PrefixCache (locked while in use), so
+    Row b sees prefix tokens [starts[b], ends[b]) of its pages, encoded as `fields` say (full precision "k"/"v", or
+    codes + scales + zeros with `bits`/`groups`); the pages stay owned by the PrefixCache (locked while in use), so
     every request reading them shares one physical copy.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, ends: torch.Tensor) -> None:
-        self.k, self.v, self.block_table, self.ends = k, v, block_table.to(torch.int32), ends.to(torch.int32)
+    def __init__(self, fields: dict[str, torch.Tensor], block_table: torch.Tensor, starts: torch.Tensor,
+                 ends: torch.Tensor, bits: tuple[int, int] = (16, 16),
+                 groups: tuple[int | None, int | None] = (None, None)) -> None:
+        self.fields, self.bits, self.groups = fields, bits, groups
+        self.block_table, self.starts, self.ends = (t.to(torch.int32) for t in (block_table, starts, ends))
 
     def attend(self, q: torch.Tensor, sm_scale: float):
-        start = torch.zeros_like(self.ends)
-        args = (self.k, self.v, None, None, None, None, self.block_table, start, self.ends, sm_scale, 16, 16, None, None)
+        f = self.fields
+        args = (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"), self.block_table,
+                self.starts, self.ends, sm_scale, *self.bits, *self.groups)
         if q.shape[2] == 1:
             out, lse = decode_attention(q[:, :, 0], *args)
             return out[:, :, None], lse[:, :, None]
         return extend_attention(q, *args)
 
+    def index_batch(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.block_table.device)
+        self.block_table, self.starts, self.ends = (t.index_select(0, rows) for t in
+                                                    (self.block_table, self.starts, self.ends))
+
     def tensors(self) -> list[torch.Tensor]:
         """Per-request bookkeeping only: the pages belong to the PrefixCache."""
-        return [self.block_table, self.ends]
+        return [self.block_table, self.starts, self.ends]

@@ -17,13 +17,16 @@ def _prompts(seed=3):
             tail(30), doc_a + tail(1), doc_a + tail(33)]
 
 
-COMPRESSION = {"fp": {}, "quant": {"quant": "int8-int4:g8:r8:s2"},
-               "snapkv": {"press": kvpress.SnapKVPress(compression_ratio=0.5, window_size=8)},
-               "streaming+quant": {"press": "streaming:0.5", "quant": "int8-int4:g8:r8:s2"}}
+SPEC = "int8-int4:g8:r8:s2"
+COMPRESSION = {  # (wrap's compression, the PrefixCache's `quant`: codes shared in place)
+    "fp": ({}, None), "quant-copy": ({"quant": SPEC}, None), "quant-shared-codes": ({"quant": SPEC}, SPEC),
+    "snapkv": ({"press": kvpress.SnapKVPress(compression_ratio=0.5, window_size=8)}, SPEC),
+    "streaming+quant": ({"press": "streaming:0.5", "quant": SPEC}, None),
+}
 
 
-@pytest.mark.parametrize("compression", COMPRESSION.values(), ids=COMPRESSION.keys())
-def test_outputs_equal_without_prefix_cache_over_interleaved_calls(compression):
+@pytest.mark.parametrize("compression,pool_quant", COMPRESSION.values(), ids=COMPRESSION.keys())
+def test_outputs_equal_without_prefix_cache_over_interleaved_calls(compression, pool_quant):
     model = tiny_model("qwen2")
     prompts = _prompts()
     kvpress.wrap(model, **compression)
@@ -31,7 +34,7 @@ def test_outputs_equal_without_prefix_cache_over_interleaved_calls(compression):
     if compression:  # the comparison can tell: compression changes some outputs of this model
         kvpress.wrap(model)
         assert reference != [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
-    cache = kvpress.PrefixCache(max_tokens=2048)
+    cache = kvpress.PrefixCache(max_tokens=2048, quant=pool_quant)
     kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     for round_ in range(2):  # second round: everything hits
         for batch_size in (1, 3):
@@ -99,6 +102,8 @@ def test_prefix_cache_rejects_compression_and_bad_arguments():
         kvpress.wrap(model, paged=True, press="h2o:0.5", prefix_cache=kvpress.PrefixCache(max_tokens=64))
     with pytest.raises(ValueError, match="PrefixCache"):
         kvpress.PagedKVCache(model.config, prefix_cache=None)
+    with pytest.raises(ValueError, match="not a valid quantization"):
+        kvpress.wrap(model, paged=True, prefix_cache=kvpress.PrefixCache(max_tokens=64, quant="int3"))
     with pytest.raises(ValueError, match="PrefixCache"):
         kvpress.wrap(model, paged=True, prefix_cache={"max_tokens": 64})
 
@@ -126,3 +131,23 @@ def test_paged_kv_cache_passed_to_generate_shares_and_reports_pages():
         model.generate(input_ids=ids, past_key_values=cache, **GEN)
     prefix_cache.check_invariants()
     assert prefix_cache.stats()["live_matches"] == 0
+
+
+def test_quantized_requests_read_the_shared_codes_in_place():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(6)
+    doc = torch.randint(3, 128, (96,), generator=g).tolist()
+    ids = torch.tensor([doc + torch.randint(3, 128, (7,), generator=g).tolist() for _ in range(3)])
+    kvpress.wrap(model, quant=SPEC)
+    reference = model.generate(input_ids=ids, **GEN)
+    unshared = kvpress.last_generate_stats(model)
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=SPEC)
+    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant=SPEC)
+    model.generate(input_ids=ids[:1], **GEN)  # stores doc (full precision + codes)
+    assert torch.equal(model.generate(input_ids=ids, **GEN), reference)
+    stats = kvpress.last_generate_stats(model)
+    # 96 matched tokens per row; slots [2 sinks, 103 - 8 window) = 93 quantized tokens per row are read in place
+    assert stats["stored_tokens"] == unshared["stored_tokens"] - 93
+    assert stats["nbytes"] < 0.5 * unshared["nbytes"]
+    assert stats["pages_used"] == 6 and stats["pages_shared"] == 6
+    prefix_cache.check_invariants()

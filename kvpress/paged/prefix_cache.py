@@ -38,7 +38,10 @@ class PrefixHit:
 class PrefixCache:
     """Stores page-aligned KV of prompt prefixes under a token budget and hands matching prefixes back."""
 
-    def __init__(self, max_tokens: int, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    def __init__(self, max_tokens: int, page_size: int = DEFAULT_PAGE_SIZE, quant: object = None) -> None:
+        """`quant` (a QuantSpec or its string, e.g. "int8-int4"): also keep every stored token's codes for that
+        encoding beside its full-precision KV, so requests quantized the same way read their shared prefix's codes
+        in place instead of holding a copy (kvpress/prefix.py computes the codes; this class stores any fields)."""
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"PrefixCache page_size must be an int >= 1, got {page_size!r}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < page_size:
@@ -47,6 +50,7 @@ class PrefixCache:
             )
         self.max_tokens = max_tokens
         self.page_size = page_size
+        self.quant = quant
         self.num_pages = max_tokens // page_size
         self.pool: BlockPool | None = None
         self.tree: RadixTree | None = None
@@ -153,6 +157,7 @@ class PrefixCache:
             "queried_tokens": self._queried_tokens,
             "matched_tokens": self._matched_tokens,
             "nbytes": pool.nbytes() if pool is not None else 0,
+            "quant": None if self.quant is None else str(self.quant),
         }
 
     def check_invariants(self) -> None:
