@@ -5,8 +5,9 @@ bytes for many requests sharing a long prefix, and page waste over a random mix 
     python eval/bench_prefix.py --quant int8-int4 --out eval/results/prefix_int8-int4
 
 Writes eval/results/prefix.json and eval/results/prefix.md (or --out). With --quant/--press every request (with and
-without the prefix cache) compresses; the shared pages stay full precision and each request holds its own compressed
-copy (docs/ARCHITECTURE.md), so the memory rows then compare compressed requests with and without sharing.
+without the prefix cache) compresses; the shared pages are full precision and each request holds its own compressed
+copy, except that with --quant alone the pool also keeps the codes and requests read their quantized middle in place
+(docs/ARCHITECTURE.md); the memory rows then compare compressed requests with and without sharing.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     compression = dict(press=args.press, quant=args.quant)
     kvpress.wrap(model, **compression)
     ttft_plain, token_plain = time_to_first_token(model, second)
-    cache = kvpress.PrefixCache(max_tokens=4 * (args.prefix_tokens + args.suffix_tokens) + 4096)
+    # with --quant the pool also keeps that encoding's codes, read in place by the quantized requests
+    cache = kvpress.PrefixCache(max_tokens=4 * (args.prefix_tokens + args.suffix_tokens) + 4096, quant=args.quant)
     kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     time_to_first_token(model, first)  # fills the prefix cache
     computed = []
