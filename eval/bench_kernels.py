@@ -6,7 +6,12 @@ pool), `triton_fp16` (unquantized store), `sdpa_fp16` (torch SDPA with enable_gq
 Kernel times come from CUDA-graph replays over enough store copies to defeat the L2 cache; `eager_us` is one
 plain Python call (launch and argument checks included). Writes eval/results/kernels_<tag>.json (+ .png).
 
+`--dequant registers factored` times the quantized series once per dequantization variant of the kernel
+(kvpress.kernels.decode.factored_fields): one JSON row per (config, variant), named by its "dequant" field; the
+fp16 series (unquantized, same kernel either way) and SDPA are timed once per config and copied into each row.
+
     python eval/bench_kernels.py --quick
+    python eval/bench_kernels.py --quick --dequant registers factored --tag dequant
     python eval/bench_kernels.py --tune      # sweep tile sizes / split counts on a few configs
 """
 import argparse
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpress.kernels.decode import decode_attention_triton, store_attention_triton
+from kvpress.kernels.decode import DEQUANT_MODES, decode_attention_triton, factored_fields, store_attention_triton
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_FLUSH_BYTES = 256 << 20  # rotate store copies until one pass reads at least this much
@@ -38,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gqa", type=int, nargs="+", default=[4, 8], help="query heads per kv head")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--group", type=int, default=32, help="quantization group size of keys and values")
+    parser.add_argument("--dequant", nargs="+", choices=DEQUANT_MODES, default=["registers"],
+                        help="kernel dequantization variants to time side by side (one row each)")  # fmt: skip
     parser.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--max-cache-gib", type=float, default=24.0, help="skip configs whose fp16 cache is larger")
     parser.add_argument("--iters", type=int, default=20, help="graph replays per measurement")
@@ -50,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("contexts", "batches", "head_dims", "gqa"):
         if min(getattr(args, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} values must be positive")
+    args.dequant = list(dict.fromkeys(args.dequant))  # keep order, drop repeats
     return args
 
 
@@ -124,18 +132,26 @@ def eager_time_us(fn, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
-def quant_calls(stores, q, kv_start, kv_end, sm_scale, group, **tuning):
-    """Closures running the int8-K/int4-V decode kernel once per store copy (tuning kwargs optional)."""
+def quant_calls(stores, q, kv_start, kv_end, sm_scale, group, dequant="registers", **tuning):
+    """Closures running the int8-K/int4-V decode kernel (dequantization variant `dequant`) once per store copy
+    (tuning kwargs optional)."""
     if tuning:
         q4 = q.unsqueeze(2)
         return [lambda s=s: store_attention_triton(q4, s[0], s[1], *s[2:6], s[6], kv_start, kv_end, sm_scale,
-                                                   8, 4, group, group, **tuning) for s in stores]  # fmt: skip
+                                                   8, 4, group, group, dequant=dequant, **tuning)
+                for s in stores]  # fmt: skip
     return [lambda s=s: decode_attention_triton(q, s[0], s[1], *s[2:6], s[6], kv_start, kv_end, sm_scale,
-                                                8, 4, group, group) for s in stores]  # fmt: skip
+                                                8, 4, group, group, dequant=dequant) for s in stores]  # fmt: skip
 
 
-def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> dict:
-    """Time all series for one (batch, context, head_dim, GQA) config."""
+def factored_label(head_dim: int, group: int, dequant: str) -> str:
+    """Which fields the variant really factors for int8-K/int4-V with this group ("k+v", "k", "v" or "none")."""
+    factor_k, factor_v = factored_fields(dequant, head_dim, 8, 4, min(group, head_dim), min(group, head_dim))
+    return "+".join(name for name, on in (("k", factor_k), ("v", factor_v)) if on) or "none"
+
+
+def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list[dict]:
+    """Time all series for one (batch, context, head_dim, GQA) config: one row per --dequant variant."""
     kv_heads, q_heads = args.kv_heads, args.kv_heads * gqa
     sm_scale = 1.0 / math.sqrt(head_dim)
     q = torch.randn(batch, q_heads, head_dim, device="cuda", dtype=torch.float16)
@@ -143,17 +159,20 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> dict
     kv_end = torch.full((batch,), tokens, dtype=torch.int32, device="cuda")
     qbytes = quant_bytes(batch, kv_heads, tokens, head_dim, args.group, q_heads)
     fbytes = fp16_bytes(batch, kv_heads, tokens, head_dim, q_heads)
-    row = {"batch": batch, "context": tokens, "head_dim": head_dim, "q_heads": q_heads, "kv_heads": kv_heads,
-           "quant_bytes": qbytes, "fp16_bytes": fbytes}  # fmt: skip
+    base = {"batch": batch, "context": tokens, "head_dim": head_dim, "q_heads": q_heads, "kv_heads": kv_heads,
+            "quant_bytes": qbytes, "fp16_bytes": fbytes}  # fmt: skip
+    rows = [{**base, "dequant": name, "factored": factored_label(head_dim, args.group, name)} for name in args.dequant]
 
     for paged in (False, True):
         copies = max(1, min(32, math.ceil(L2_FLUSH_BYTES / qbytes)))
         stores = make_stores(batch, kv_heads, tokens, head_dim, args.group, copies, paged)
-        calls = quant_calls(stores, q, kv_start, kv_end, sm_scale, args.group)
         name = "triton_int8k_int4v_paged" if paged else "triton_int8k_int4v"
-        us = graph_time_us(calls, args.iters)
-        row[name] = {"us": us, "gbps": qbytes / us / 1e3, "eager_us": eager_time_us(calls[0])}
-        del stores, calls
+        for row in rows:  # variants back to back on the same stores
+            calls = quant_calls(stores, q, kv_start, kv_end, sm_scale, args.group, dequant=row["dequant"])
+            us = graph_time_us(calls, args.iters)
+            row[name] = {"us": us, "gbps": qbytes / us / 1e3, "eager_us": eager_time_us(calls[0])}
+            del calls
+        del stores
 
     copies = max(1, min(32, math.ceil(L2_FLUSH_BYTES / fbytes)))
     caches = [(torch.randn(batch, kv_heads, tokens, head_dim, device="cuda", dtype=torch.float16),
@@ -164,15 +183,17 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> dict
                                                       kv_end, sm_scale, 16, 16, None, None)
                   for c in caches]  # fmt: skip
     us = graph_time_us(fp16_calls, args.iters)
-    row["triton_fp16"] = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(fp16_calls[0])}
+    fp16 = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(fp16_calls[0])}
     q4 = q.unsqueeze(2)
     sdpa_calls = [lambda c=c: F.scaled_dot_product_attention(q4, c[0], c[1], scale=sm_scale, enable_gqa=True)
                   for c in caches]  # fmt: skip
     us = graph_time_us(sdpa_calls, args.iters)
-    row["sdpa_fp16"] = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(sdpa_calls[0])}
+    sdpa = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(sdpa_calls[0])}
     del caches
-    row["speedup_vs_sdpa"] = row["sdpa_fp16"]["us"] / row["triton_int8k_int4v"]["us"]
-    return row
+    for row in rows:
+        row["triton_fp16"], row["sdpa_fp16"] = dict(fp16), dict(sdpa)
+        row["speedup_vs_sdpa"] = sdpa["us"] / row["triton_int8k_int4v"]["us"]
+    return rows
 
 
 def tune(args) -> list[dict]:
@@ -191,23 +212,26 @@ def tune(args) -> list[dict]:
         stores = make_stores(batch, kv_heads, tokens, head_dim, args.group,
                              max(1, min(16, math.ceil(L2_FLUSH_BYTES / qbytes))), paged=False)  # fmt: skip
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        rows = []
-        for block_n, per_sm, warps, stages in itertools.product(*sweep):
-            splits = max(1, min(64, math.ceil(per_sm * sms / (batch * kv_heads)), math.ceil(tokens / block_n)))
-            tuning = dict(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages)
-            try:
-                us = graph_time_us(quant_calls(stores, q, kv_start, kv_end, 1.0, args.group, **tuning), 10)
-            except Exception as exc:  # resource limits for some combos: record and move on
-                rows.append({**tuning, "error": type(exc).__name__})
-                continue
-            rows.append({**tuning, "per_sm": per_sm, "us": us, "gbps": qbytes / us / 1e3})
-        default_us = graph_time_us(quant_calls(stores, q, kv_start, kv_end, 1.0, args.group), 10)
-        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-        best = ok[0]
-        print(f"tune B={batch} T={tokens} D={head_dim} gqa={gqa}: default {default_us:.1f}us "
-              f"({qbytes / default_us / 1e3:.0f} GB/s); best {best}", flush=True)  # fmt: skip
-        results.append({"batch": batch, "context": tokens, "head_dim": head_dim, "gqa": gqa,
-                        "default_us": default_us, "top5": ok[:5]})  # fmt: skip
+        for dequant in args.dequant:
+            rows = []
+            for block_n, per_sm, warps, stages in itertools.product(*sweep):
+                splits = max(1, min(64, math.ceil(per_sm * sms / (batch * kv_heads)), math.ceil(tokens / block_n)))
+                tuning = dict(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages)
+                calls = quant_calls(stores, q, kv_start, kv_end, 1.0, args.group, dequant=dequant, **tuning)
+                try:
+                    us = graph_time_us(calls, 10)
+                except Exception as exc:  # resource limits for some combos: record and move on
+                    rows.append({**tuning, "error": type(exc).__name__})
+                    continue
+                rows.append({**tuning, "per_sm": per_sm, "us": us, "gbps": qbytes / us / 1e3})
+            default_us = graph_time_us(quant_calls(stores, q, kv_start, kv_end, 1.0, args.group, dequant=dequant), 10)
+            ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+            best = ok[0] if ok else None
+            print(f"tune {dequant} B={batch} T={tokens} D={head_dim} gqa={gqa}: default {default_us:.1f}us "
+                  f"({qbytes / default_us / 1e3:.0f} GB/s); best {best}", flush=True)  # fmt: skip
+            results.append({"batch": batch, "context": tokens, "head_dim": head_dim, "gqa": gqa, "dequant": dequant,
+                            "factored": factored_label(head_dim, args.group, dequant),
+                            "default_us": default_us, "top5": ok[:5]})  # fmt: skip
         del stores
     return results
 
@@ -225,12 +249,18 @@ def plot(rows: list[dict], peak: float, path: Path) -> bool:
     fig, axes = plt.subplots(2, len(combos), figsize=(5 * len(combos), 8), squeeze=False)
     for col, (head_dim, gqa) in enumerate(combos):
         sel = [r for r in rows if r["head_dim"] == head_dim and r["q_heads"] // r["kv_heads"] == gqa]
+        variants = list(dict.fromkeys(r.get("dequant", "registers") for r in sel))
         for batch in sorted({r["batch"] for r in sel}):
-            pts = sorted((r for r in sel if r["batch"] == batch), key=lambda r: r["context"])
-            ctx = [r["context"] for r in pts]
-            axes[0][col].plot(ctx, [r["triton_int8k_int4v"]["gbps"] for r in pts], marker="o", label=f"B={batch}")
-            axes[0][col].plot(ctx, [r["sdpa_fp16"]["gbps"] for r in pts], ls=":", color="gray")
-            axes[1][col].plot(ctx, [r["speedup_vs_sdpa"] for r in pts], marker="o", label=f"B={batch}")
+            for i, dequant in enumerate(variants):
+                pts = sorted((r for r in sel if r["batch"] == batch and r.get("dequant", "registers") == dequant),
+                             key=lambda r: r["context"])  # fmt: skip
+                ctx = [r["context"] for r in pts]
+                label = f"B={batch}" + (f" {dequant}" if len(variants) > 1 else "")
+                style = dict(marker="o", ls=("-", "--", "-.")[i % 3], label=label)
+                axes[0][col].plot(ctx, [r["triton_int8k_int4v"]["gbps"] for r in pts], **style)
+                axes[1][col].plot(ctx, [r["speedup_vs_sdpa"] for r in pts], **style)
+                if i == 0:
+                    axes[0][col].plot(ctx, [r["sdpa_fp16"]["gbps"] for r in pts], ls=":", color="gray")
         axes[0][col].axhline(peak, color="red", ls="--", label="peak")
         axes[0][col].set_title(f"int8-K/int4-V decode D={head_dim} GQA {gqa}:1 (dotted: SDPA)", fontsize=10)
         axes[1][col].set_title("time speedup vs fp16 SDPA")
@@ -255,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("tune" if args.tune else "quick" if args.quick else "full")
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "peak_gbps": args.peak_gbps, "group": args.group}  # fmt: skip
+            "triton": __import__("triton").__version__, "peak_gbps": args.peak_gbps, "group": args.group,
+            "dequant": args.dequant}  # fmt: skip
     if args.tune:
         out = {"meta": meta, "tune": tune(args)}
         (RESULTS_DIR / f"kernels_{tag}.json").write_text(json.dumps(out, indent=1))
@@ -265,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     for head_dim, gqa, batch, tokens in itertools.product(args.head_dims, args.gqa, args.batches, args.contexts):
         if batch * args.kv_heads * tokens * head_dim * 4 > args.max_cache_gib * (1 << 30):
             continue
-        row = bench_config(args, batch, tokens, head_dim, gqa)
-        rows.append(row)
-        series = ("triton_int8k_int4v", "triton_int8k_int4v_paged", "triton_fp16", "sdpa_fp16")
-        q_, p_, f_, s_ = (row[name] for name in series)
-        print(f"D={head_dim:3d} gqa={gqa} B={batch:2d} T={tokens:6d} | int8/int4 {q_['us']:8.1f}us "
-              f"{q_['gbps']:6.0f}GB/s ({100 * q_['gbps'] / args.peak_gbps:3.0f}%) paged {p_['us']:8.1f}us | "
-              f"fp16 triton {f_['us']:8.1f}us {f_['gbps']:5.0f}GB/s | sdpa {s_['us']:8.1f}us {s_['gbps']:5.0f}GB/s "
-              f"| x{row['speedup_vs_sdpa']:.2f}", flush=True)  # fmt: skip
+        for row in bench_config(args, batch, tokens, head_dim, gqa):
+            rows.append(row)
+            series = ("triton_int8k_int4v", "triton_int8k_int4v_paged", "triton_fp16", "sdpa_fp16")
+            q_, p_, f_, s_ = (row[name] for name in series)
+            print(f"{row['dequant']:9s} D={head_dim:3d} gqa={gqa} B={batch:2d} T={tokens:6d} | int8/int4 "
+                  f"{q_['us']:8.1f}us {q_['gbps']:6.0f}GB/s ({100 * q_['gbps'] / args.peak_gbps:3.0f}%) paged "
+                  f"{p_['us']:8.1f}us | fp16 triton {f_['us']:8.1f}us {f_['gbps']:5.0f}GB/s | sdpa {s_['us']:8.1f}us "
+                  f"{s_['gbps']:5.0f}GB/s | x{row['speedup_vs_sdpa']:.2f}", flush=True)  # fmt: skip
         json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a kill
         torch.cuda.empty_cache()
     plotted = not args.no_plot and plot(rows, args.peak_gbps, RESULTS_DIR / f"kernels_{tag}.png")

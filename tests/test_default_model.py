@@ -91,3 +91,23 @@ def test_cli_rejects_bad_spec_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvpress", "generate", "--prompt-file", str(doc), "--press", "bogus"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bogus" in proc.stderr
+
+
+def test_prefix_cache_with_quantization_matches_on_the_default_model(model_and_tok):
+    """Two questions on one 700-token document, int8-int4: the second reuses the document's shared codes and
+    generates exactly what it generates without a prefix cache."""
+    model, tok = model_and_tok
+    doc = _real_text_ids(tok, 700)[0].tolist()
+    questions = [tok(f" Question {i}: what is this text about? Answer:").input_ids for i in range(2)]
+    prompts = [doc + q for q in questions]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    try:
+        kvpress.wrap(model, quant="int8-int4")
+        reference = kvpress.generate_many(model, prompts, **kw)
+        prefix_cache = kvpress.PrefixCache(max_tokens=4096, quant="int8-int4")
+        kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant="int8-int4")
+        assert kvpress.generate_many(model, prompts[:1], **kw) == reference[:1]
+        assert kvpress.generate_many(model, prompts[1:], **kw) == reference[1:]
+        assert kvpress.last_generate_stats(model)["matched_tokens"] == [688]
+    finally:
+        kvpress.unwrap(model)

@@ -382,9 +382,8 @@ def _factored_value_output(acc_low, acc_high, zacc_low, zacc_high, HALF: tl.cons
         out_low = acc_low + zacc_low[:, None]
         out_high = acc_high + zacc_high[:, None]
     else:
-        rows: tl.constexpr = acc_low.shape[1]
-        out_low = tl.reshape(tl.permute(acc_low + zacc_low[:, :, None], (1, 0, 2)), (rows, HALF))
-        out_high = tl.reshape(tl.permute(acc_high + zacc_high[:, :, None], (1, 0, 2)), (rows, HALF))
+        out_low = tl.reshape(tl.permute(acc_low + zacc_low[:, :, None], (1, 0, 2)), (acc_low.shape[1], HALF))
+        out_high = tl.reshape(tl.permute(acc_high + zacc_high[:, :, None], (1, 0, 2)), (acc_high.shape[1], HALF))
     return out_low, out_high
 
 
