@@ -191,6 +191,8 @@ def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, share
     would; press and quant apply once the last prompt token has been attended (DeferredEncoding). With
     `shared_quant` (the request's quantization, whose codes the pool keeps), the quantized middle slots every row
     matched are then read from the pool's codes in place instead of being stored privately."""
+    if width == 1:  # nothing before the last token: the first forward is an ordinary prefill
+        return
     slots = _shared_code_slots(shared_quant, hits, pads, width) if shared_quant is not None else (0, 0)
     for idx, layer in enumerate(cache.layers):
         per_row = []
@@ -199,8 +201,10 @@ def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, share
             parts = [prefix_cache.gather(hit, idx)] if hit.n_tokens else []
             if private.length:
                 parts.append({name: private.view(name)[0] for name in ("k", "v")})
-            per_row.append({name: torch.cat([p[name] for p in parts], dim=1) for name in ("k", "v")})
-        fields = {name: torch.stack([torch.nn.functional.pad(r[name], (0, 0, pad, 0)) for r, pad in
+            per_row.append({name: torch.cat([p[name] for p in parts], dim=1) for name in ("k", "v")} if parts else None)
+        like = next(r for r in per_row if r is not None)
+        empty = {name: like[name][:, :0] for name in ("k", "v")}
+        fields = {name: torch.stack([torch.nn.functional.pad((r or empty)[name], (0, 0, pad, 0)) for r, pad in
                                      zip(per_row, pads)]) for name in ("k", "v")}
         queries = _batched_window_queries([rc.layers[idx].window_queries for rc in row_caches], layer.press)
         layer.deferred = DeferredEncoding(layer.press, layer.kv.quant, queries)
@@ -236,6 +240,8 @@ def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
 def _insert_prompts(prefix_cache, ns, cache, rows, pads) -> None:
     """Store each row's prompt but its last token from the deferred full-precision copy (before it is compressed)."""
     for b, row in enumerate(rows):
+        if len(row) - 1 < prefix_cache.page_size:  # only whole pages are kept
+            continue
         layers = [_with_codes(prefix_cache, {name: layer.kv.main.store.view(name)[b, :, pads[b]:]
                                              for name in ("k", "v")}) for layer in cache.layers]
         prefix_cache.store(ns, row[:-1], layers)

@@ -151,3 +151,18 @@ def test_quantized_requests_read_the_shared_codes_in_place():
     assert stats["nbytes"] < 0.5 * unshared["nbytes"]
     assert stats["pages_used"] == 6 and stats["pages_shared"] == 6
     prefix_cache.check_invariants()
+
+
+@pytest.mark.parametrize("compression,pool_quant", [COMPRESSION["quant-shared-codes"], COMPRESSION["snapkv"]],
+                         ids=["quant-shared-codes", "snapkv"])
+def test_short_and_fully_cached_prompts_with_compression(compression, pool_quant):
+    model = tiny_model("llama")
+    doc = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = [[5], doc[:2], doc[:17], doc, doc + [7], doc + [9, 11]]  # 1-token prompt, empty rows, full hits
+    kvpress.wrap(model, **compression)
+    reference = [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+    cache = kvpress.PrefixCache(max_tokens=1024, quant=pool_quant)
+    kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
+    for batch_size in (1, 6, 3):
+        assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
+    cache.check_invariants()
