@@ -7,7 +7,7 @@ Kernel times come from CUDA-graph replays over enough store copies to defeat the
 plain Python call (launch and argument checks included). Writes eval/results/kernels_<tag>.json (+ .png).
 
 `--dequant registers factored` times the quantized series once per dequantization variant of the kernel
-(kvpress.kernels.decode.factored_fields): one JSON row per (config, variant), named by its "dequant" field; the
+(kvpress.kernels.factored.factored_fields): one JSON row per (config, variant), named by its "dequant" field; the
 fp16 series (unquantized, same kernel either way) and SDPA are timed once per config and copied into each row.
 
     python eval/bench_kernels.py --quick
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpress.kernels.decode import DEQUANT_MODES, decode_attention_triton, factored_fields, store_attention_triton
+from kvpress.kernels.decode import decode_attention_triton, store_attention_triton
+from kvpress.kernels.factored import DEQUANT_MODES, factored_fields
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_FLUSH_BYTES = 256 << 20  # rotate store copies until one pass reads at least this much

@@ -12,14 +12,12 @@ import torch
 from test_kernels_fixtures import DEVICE, make_store, plain_attention
 
 from kvpress.kernels.decode import (
-    DEQUANT_ENV,
     decode_attention_reference,
     decode_attention_triton,
-    dequant_mode,
-    factored_fields,
     store_attention_reference,
     store_attention_triton,
 )
+from kvpress.kernels.factored import DEQUANT_ENV, dequant_mode, factored_fields
 from kvpress.kernels.extend import extend_attention_triton
 from kvpress.kernels.store_access import gather_tokens
 

@@ -1,6 +1,5 @@
 """transformers pipelines: per-call press on text-generation, and the compress-once kv-press pipeline."""
 import pytest
-import torch
 from transformers import pipeline
 
 import kvpress

@@ -11,40 +11,26 @@ codes (exact in fp16) to the dots and applies scale and zero per token and group
 probability tiles (see factored_fields for which group configurations use it).
 """
 import math
-import os
 from functools import lru_cache
 
 import torch
 
+from kvpress.kernels.factored import (
+    factored_key_scores,
+    factored_query,
+    factored_value_output,
+    factored_value_update,
+    dequant_mode,
+    factored_fields,
+)
 from kvpress.kernels.store_access import check_store_args, gather_dequantized, token_span
+from kvpress.kernels.tile_loads import load_token_halves, token_pages
+from kvpress.kernels.triton_compat import require_triton, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # keep the package importable without triton; the *_triton functions then raise
-
-    class _TritonMissing:
-        """Stand-in for `triton` / `triton.language` so kernel definitions still parse without triton."""
-
-        def __getattr__(self, name: str) -> None:
-            return None
-
-        @staticmethod
-        def jit(fn=None, **_kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _TritonMissing()
-    HAS_TRITON = False
 
 
 LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
-DEQUANT_ENV = "KVPRESS_DEQUANT"
-DEQUANT_MODES = ("registers", "factored")
-_FACTORED_MIN_GROUP = 16  # a factored group is a dot operand dimension: tl.dot needs >= 16
-_FACTORED_MAX_GROUPS_PER_HALF = 4  # more groups: the per-group score/probability work outgrows the saving
 REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows in the torch twins
 
 
@@ -137,257 +123,6 @@ def _check_decode_query(q: torch.Tensor) -> None:
 
 
 @triton.jit
-def _apply_group_affine(
-    codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
-    HALF: tl.constexpr, GROUP: tl.constexpr,
-):  # fmt: skip
-    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF) half: loads each token's few group
-    scales once and broadcasts them over their group (a group spans one half, or the whole head)."""
-    if GROUP >= 2 * HALF:  # one group per token
-        scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
-        zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
-        result = codes * scale[:, None] + zero[:, None]
-    elif GROUP == HALF:  # one group per half
-        offsets = scale_row_offsets + half_index * stride_g
-        scale = tl.load(scale_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
-        zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
-        result = codes * scale[:, None] + zero[:, None]
-    else:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = half_index * GROUPS + tl.arange(0, GROUPS)
-        offsets = scale_row_offsets[:, None] + groups[None, :] * stride_g
-        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
-        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
-        grouped = tl.reshape(codes, (codes.shape[0], GROUPS, GROUP))
-        result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF))
-    return result
-
-
-@triton.jit
-def _fp16_from_codes(codes):
-    """Exact uint code (< 1024) -> fp16 without a conversion instruction: the bits 0x6400 | c read as fp16 are
-    1024 + c, and subtracting 1024 is exact (conversions are the slow path of dequantization on GPUs)."""
-    biased = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-    return biased - tl.full(biased.shape, 1024.0, tl.float16)
-
-
-@triton.jit
-def load_token_halves(
-    base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr, FP16_CODES: tl.constexpr,
-):  # fmt: skip
-    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF) half-vectors of dtype COMPUTE.
-
-    FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
-    loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
-    """
-    cols = tl.arange(0, HALF)
-    mask = token_mask[:, None]
-    if BITS == 4:
-        packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
-        low = packed & 15
-        high = packed >> 4
-    else:
-        low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
-        high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)
-    if BITS == 16:
-        low = low.to(COMPUTE)
-        high = high.to(COMPUTE)
-    else:
-        if FP16_CODES:
-            low = _fp16_from_codes(low)
-            high = _fp16_from_codes(high)
-        else:
-            low = low.to(tl.float32)
-            high = high.to(tl.float32)
-        low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF, GROUP)
-        high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF, GROUP)
-        low = low.to(COMPUTE)
-        high = high.to(COMPUTE)
-    return low, high
-
-
-@triton.jit
-def token_pages(table_ptr, table_row, tokens, token_mask, page_size):
-    """Map logical token indices of one row to (page as int64, slot) through its block-table row."""
-    page = tl.load(table_ptr + table_row + tokens // page_size, mask=token_mask, other=0).to(tl.int64)
-    return page, tokens % page_size
-
-
-# Factored dequantization (KVPRESS_DEQUANT=factored). With a field's groups of GROUP head-dim elements, a "half"
-# (HALF = D/2 columns, the unit the split-halves packing gives) holds GROUPS = HALF // GROUP whole groups when
-# GROUP < HALF; such halves are handled as (GROUPS, ..., GROUP) 3D tiles and batched dots. When one group spans
-# a half or the whole head, tiles stay 2D.
-
-
-@triton.jit
-def _codes_as_dot_operand(codes, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr):
-    """Raw uint codes (< 256) -> exact dot operands of dtype DOT_DTYPE (fp16 by the bit trick when FP16_CODES)."""
-    if FP16_CODES:
-        result = _fp16_from_codes(codes)
-    else:
-        result = codes.to(tl.float32).to(DOT_DTYPE)
-    return result
-
-
-@triton.jit
-def _load_code_halves(
-    base_ptr, row_offsets, stride_x, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr,
-):  # fmt: skip
-    """Raw codes of BLOCK_N tokens as two halves of exact dot operands, without any affine: (BLOCK_N, HALF)
-    each, or (HALF // GROUP, BLOCK_N, GROUP) each when groups are narrower than a half (group-major, loaded
-    directly in that order so no register shuffles are needed)."""
-    if GROUP < HALF:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = tl.arange(0, GROUPS)
-        within = tl.arange(0, GROUP)
-        cols = groups[:, None, None] * GROUP + within[None, None, :]
-        ptrs = base_ptr + row_offsets[None, :, None] + cols * stride_x
-        mask = token_mask[None, :, None]
-    else:
-        cols = tl.arange(0, HALF)
-        ptrs = base_ptr + row_offsets[:, None] + cols[None, :] * stride_x
-        mask = token_mask[:, None]
-    if BITS == 4:
-        packed = tl.load(ptrs, mask=mask, other=0)
-        low = packed & 15
-        high = packed >> 4
-    else:
-        low = tl.load(ptrs, mask=mask, other=0)
-        high = tl.load(ptrs + HALF * stride_x, mask=mask, other=0)
-    return _codes_as_dot_operand(low, DOT_DTYPE, FP16_CODES), _codes_as_dot_operand(high, DOT_DTYPE, FP16_CODES)
-
-
-@triton.jit
-def _load_scale_zero(
-    scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask, HALF: tl.constexpr, GROUP: tl.constexpr
-):  # fmt: skip
-    """fp32 scale and zero of BLOCK_N tokens for one half: (BLOCK_N,) when one group spans the half or the whole
-    head (then half_index is ignored), else (HALF // GROUP, BLOCK_N) for the half's groups."""
-    if GROUP >= 2 * HALF:
-        offsets = scale_row_offsets
-        mask = token_mask
-    elif GROUP == HALF:
-        offsets = scale_row_offsets + half_index * stride_g
-        mask = token_mask
-    else:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = half_index * GROUPS + tl.arange(0, GROUPS)
-        offsets = scale_row_offsets[None, :] + groups[:, None] * stride_g
-        mask = token_mask[None, :]
-    scale = tl.load(scale_ptr + offsets, mask=mask, other=0).to(tl.float32)
-    zero = tl.load(zero_ptr + offsets, mask=mask, other=0).to(tl.float32)
-    return scale, zero
-
-
-@triton.jit
-def _factored_query(q_half, HALF: tl.constexpr, GROUP: tl.constexpr):
-    """One (BLOCK_M, HALF) query half as the key dot operand of the factored path, and its fp32 sums per group:
-    unchanged and (BLOCK_M,) when one group spans the half or more; else (GROUPS, BLOCK_M, GROUP) and
-    (GROUPS, BLOCK_M)."""
-    if GROUP < HALF:
-        GROUPS: tl.constexpr = HALF // GROUP
-        q_half = tl.permute(tl.reshape(q_half, (q_half.shape[0], GROUPS, GROUP)), (1, 0, 2))
-        qsum = tl.sum(q_half.to(tl.float32), 2)
-    else:
-        qsum = tl.sum(q_half.to(tl.float32), 1)
-    return q_half, qsum
-
-
-@triton.jit
-def _factored_key_scores(
-    q_low, q_high, qsum_low, qsum_high, k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
-    qk_scale,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
-):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) logits * qk_scale without dequantizing the key tile: per group g of token t,
-    s_tg * (q_g . c_tg) + z_tg * sum(q_g), with the raw codes c as dot operands and fp32 accumulation.
-    q_* / qsum_* come from _factored_query. Masked tokens give 0 (the caller masks them)."""
-    c_low, c_high = _load_code_halves(k_ptr, k_rows, stride_kx, token_mask, HALF, BITS, GROUP, DOT_DTYPE, FP16_CODES)
-    if GROUP >= 2 * HALF:  # one group per token: one scale per score column
-        raw = tl.dot(q_low, tl.trans(c_low), input_precision=PRECISION)
-        raw = tl.dot(q_high, tl.trans(c_high), raw, input_precision=PRECISION)
-        scale, zero = _load_scale_zero(ks_ptr, kz_ptr, ks_rows, 0, stride_ksg, token_mask, HALF, GROUP)
-        qsum = qsum_low + qsum_high
-        scores = raw * (scale * qk_scale)[None, :] + qsum[:, None] * (zero * qk_scale)[None, :]
-    elif GROUP == HALF:  # one group per half
-        raw_low = tl.dot(q_low, tl.trans(c_low), input_precision=PRECISION)
-        raw_high = tl.dot(q_high, tl.trans(c_high), input_precision=PRECISION)
-        s_low, z_low = _load_scale_zero(ks_ptr, kz_ptr, ks_rows, 0, stride_ksg, token_mask, HALF, GROUP)
-        s_high, z_high = _load_scale_zero(ks_ptr, kz_ptr, ks_rows, 1, stride_ksg, token_mask, HALF, GROUP)
-        scores = raw_low * s_low[None, :] + raw_high * s_high[None, :]
-        scores += qsum_low[:, None] * z_low[None, :] + qsum_high[:, None] * z_high[None, :]
-        scores = scores * qk_scale
-    else:  # GROUPS per half: batched dots over the groups, then a sum over them
-        raw_low = tl.dot(q_low, tl.permute(c_low, (0, 2, 1)), input_precision=PRECISION)  # (GROUPS, M, N)
-        raw_high = tl.dot(q_high, tl.permute(c_high, (0, 2, 1)), input_precision=PRECISION)
-        s_low, z_low = _load_scale_zero(ks_ptr, kz_ptr, ks_rows, 0, stride_ksg, token_mask, HALF, GROUP)
-        s_high, z_high = _load_scale_zero(ks_ptr, kz_ptr, ks_rows, 1, stride_ksg, token_mask, HALF, GROUP)
-        parts = raw_low * s_low[:, None, :] + qsum_low[:, :, None] * z_low[:, None, :]
-        parts += raw_high * s_high[:, None, :] + qsum_high[:, :, None] * z_high[:, None, :]
-        scores = tl.sum(parts, 0) * qk_scale
-    return scores
-
-
-@triton.jit
-def _factored_value_update(
-    acc_low, acc_high, zacc_low, zacc_high, probs, alpha,
-    v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
-):  # fmt: skip
-    """Rescale the accumulators by alpha and add one value tile without dequantizing it: per group g,
-    acc_g += (P * s_g) @ C_g (the scale moves onto the fp32 probabilities P, cast to DOT_DTYPE afterwards) and
-    zacc_g += P @ z_g (fp32, one number per row and group). Accumulator shapes follow _factored_value_output."""
-    c_low, c_high = _load_code_halves(v_ptr, v_rows, stride_vx, token_mask, HALF, BITS, GROUP, DOT_DTYPE, FP16_CODES)
-    if GROUP >= 2 * HALF:  # one group per token: both halves share the scaled probabilities; zacc_high unused
-        scale, zero = _load_scale_zero(vs_ptr, vz_ptr, vs_rows, 0, stride_vsg, token_mask, HALF, GROUP)
-        scaled = (probs * scale[None, :]).to(DOT_DTYPE)
-        acc_low = acc_low * alpha[:, None] + tl.dot(scaled, c_low, input_precision=PRECISION)
-        acc_high = acc_high * alpha[:, None] + tl.dot(scaled, c_high, input_precision=PRECISION)
-        zacc_low = zacc_low * alpha + tl.sum(probs * zero[None, :], 1)
-    elif GROUP == HALF:  # one group per half
-        s_low, z_low = _load_scale_zero(vs_ptr, vz_ptr, vs_rows, 0, stride_vsg, token_mask, HALF, GROUP)
-        s_high, z_high = _load_scale_zero(vs_ptr, vz_ptr, vs_rows, 1, stride_vsg, token_mask, HALF, GROUP)
-        scaled_low = (probs * s_low[None, :]).to(DOT_DTYPE)
-        scaled_high = (probs * s_high[None, :]).to(DOT_DTYPE)
-        acc_low = acc_low * alpha[:, None] + tl.dot(scaled_low, c_low, input_precision=PRECISION)
-        acc_high = acc_high * alpha[:, None] + tl.dot(scaled_high, c_high, input_precision=PRECISION)
-        zacc_low = zacc_low * alpha + tl.sum(probs * z_low[None, :], 1)
-        zacc_high = zacc_high * alpha + tl.sum(probs * z_high[None, :], 1)
-    else:  # GROUPS per half: (GROUPS, M, N) scaled probabilities, batched dots into (GROUPS, M, GROUP)
-        s_low, z_low = _load_scale_zero(vs_ptr, vz_ptr, vs_rows, 0, stride_vsg, token_mask, HALF, GROUP)
-        s_high, z_high = _load_scale_zero(vs_ptr, vz_ptr, vs_rows, 1, stride_vsg, token_mask, HALF, GROUP)
-        scaled_low = (probs[None, :, :] * s_low[:, None, :]).to(DOT_DTYPE)
-        scaled_high = (probs[None, :, :] * s_high[:, None, :]).to(DOT_DTYPE)
-        acc_low = acc_low * alpha[None, :, None] + tl.dot(scaled_low, c_low, input_precision=PRECISION)
-        acc_high = acc_high * alpha[None, :, None] + tl.dot(scaled_high, c_high, input_precision=PRECISION)
-        zacc_low = zacc_low * alpha[None, :] + tl.sum(probs[None, :, :] * z_low[:, None, :], 2)
-        zacc_high = zacc_high * alpha[None, :] + tl.sum(probs[None, :, :] * z_high[:, None, :], 2)
-    return acc_low, acc_high, zacc_low, zacc_high
-
-
-@triton.jit
-def _factored_value_output(acc_low, acc_high, zacc_low, zacc_high, HALF: tl.constexpr, GROUP: tl.constexpr):
-    """Unnormalised (BLOCK_M, HALF) output halves from the factored accumulators: acc + zacc per group.
-
-    Accumulators are acc (BLOCK_M, HALF) and zacc (BLOCK_M,) when one group spans a half or more, else
-    acc (GROUPS, BLOCK_M, GROUP) and zacc (GROUPS, BLOCK_M)."""
-    if GROUP >= 2 * HALF:
-        out_low = acc_low + zacc_low[:, None]
-        out_high = acc_high + zacc_low[:, None]
-    elif GROUP == HALF:
-        out_low = acc_low + zacc_low[:, None]
-        out_high = acc_high + zacc_high[:, None]
-    else:
-        out_low = tl.reshape(tl.permute(acc_low + zacc_low[:, :, None], (1, 0, 2)), (acc_low.shape[1], HALF))
-        out_high = tl.reshape(tl.permute(acc_high + zacc_high[:, :, None], (1, 0, 2)), (acc_high.shape[1], HALF))
-    return out_low, out_high
-
-
-@triton.jit
 def _split_attention_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, start_ptr, end_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qq, stride_qd,
@@ -427,8 +162,8 @@ def _split_attention_kernel(
     q_low = q_low.to(DOT_DTYPE)
     q_high = q_high.to(DOT_DTYPE)
     if FACTOR_K:
-        q_low, qsum_low = _factored_query(q_low, HALF, K_GROUP)
-        q_high, qsum_high = _factored_query(q_high, HALF, K_GROUP)
+        q_low, qsum_low = factored_query(q_low, HALF, K_GROUP)
+        q_high, qsum_high = factored_query(q_high, HALF, K_GROUP)
 
     start = tl.load(start_ptr + b).to(tl.int32)
     end = tl.load(end_ptr + b).to(tl.int32)
@@ -456,7 +191,7 @@ def _split_attention_kernel(
         k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
         ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
         if FACTOR_K:
-            scores = _factored_key_scores(
+            scores = factored_key_scores(
                 q_low, q_high, qsum_low, qsum_high, k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg,
                 token_mask, qk_scale, HALF, K_BITS, K_GROUP, DOT_DTYPE, PRECISION, FP16_CODES,
             )
@@ -477,7 +212,7 @@ def _split_attention_kernel(
         v_rows = page * stride_vp + kv_head * stride_vh + slot * stride_vs
         vs_rows = page * stride_vsp + kv_head * stride_vsh + slot * stride_vss
         if FACTOR_V:
-            acc_low, acc_high, zacc_low, zacc_high = _factored_value_update(
+            acc_low, acc_high, zacc_low, zacc_high = factored_value_update(
                 acc_low, acc_high, zacc_low, zacc_high, probs, alpha,
                 v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
                 HALF, V_BITS, V_GROUP, DOT_DTYPE, PRECISION, FP16_CODES,
@@ -493,7 +228,7 @@ def _split_attention_kernel(
         m_i = m_new
 
     if FACTOR_V:
-        acc_low, acc_high = _factored_value_output(acc_low, acc_high, zacc_low, zacc_high, HALF, V_GROUP)
+        acc_low, acc_high = factored_value_output(acc_low, acc_high, zacc_low, zacc_high, HALF, V_GROUP)
 
     nonempty = l_i > 0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
@@ -563,47 +298,6 @@ def scale_pointer_args(scale: torch.Tensor | None, field: torch.Tensor) -> tuple
     if scale is None:
         return field, (0, 0, 0, 0)
     return scale, tuple(scale.stride())
-
-
-def dequant_mode(mode: str | None = None) -> str:
-    """The dequantization variant of the Triton attention kernel: `mode` if given, else $KVPRESS_DEQUANT (read at
-    every call), else "registers" (today's kernel). "factored" moves the affine onto scores / probabilities."""
-    chosen = mode if mode is not None else (os.environ.get(DEQUANT_ENV, "").strip().lower() or "registers")
-    if chosen not in DEQUANT_MODES:
-        source = "dequant" if mode is not None else DEQUANT_ENV
-        raise ValueError(f"{source} must be one of {DEQUANT_MODES}; got {chosen!r}")
-    return chosen
-
-
-def factored_fields(
-    mode: str, head_dim: int, k_bits: int, v_bits: int, k_group: int, v_group: int
-) -> tuple[bool, bool]:
-    """(factor keys, factor values) for a resolved dequantization mode and store geometry (groups resolved).
-
-    A quantized field is factored when its groups span the whole head, exactly one half, or split a half into
-    2..4 groups of >= 16 elements (3D tiles and batched dots; e.g. 32 and 64 for head_dim 128 or 256, 16 and 32 for
-    64). Narrower groups (< 16, below tl.dot's minimum operand size) or more groups per half (the per-group
-    score / probability work, rows x tokens per group, would outgrow the saved per-element affine) and 16-bit
-    fields keep the register path.
-    """
-    if mode != "factored":
-        return False, False
-    half = head_dim // 2
-
-    def factor(bits: int, group: int) -> bool:
-        if bits == 16:
-            return False
-        if group >= half:
-            return True
-        return group >= _FACTORED_MIN_GROUP and half // group <= _FACTORED_MAX_GROUPS_PER_HALF
-
-    return factor(k_bits, k_group), factor(v_bits, v_group)
-
-
-def require_triton() -> None:
-    """Raise a clear error when a *_triton function is called without triton installed."""
-    if not HAS_TRITON:
-        raise ValueError("triton is not installed: use the *_reference kernels or set KVPRESS_KERNELS=reference")
 
 
 def check_triton_head_dim(head_dim: int) -> None:

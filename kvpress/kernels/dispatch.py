@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
-from kvpress.kernels.decode import HAS_TRITON, decode_attention_reference, decode_attention_triton
+from kvpress.kernels.decode import decode_attention_reference, decode_attention_triton
 from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
 from kvpress.kernels.merge import merge_attention_states
 from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
+from kvpress.kernels.triton_compat import HAS_TRITON
 
 BACKEND_ENV = "KVPRESS_KERNELS"
 

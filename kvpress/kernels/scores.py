@@ -11,13 +11,10 @@ from kvpress.kernels.decode import (
     REFERENCE_CHUNK_ELEMENTS,
     check_triton_head_dim,
     dot_operand_type,
-    load_token_halves,
     scale_pointer_args,
-    token_pages,
-    require_triton,
-    tl,
-    triton,
 )
+from kvpress.kernels.tile_loads import load_token_halves, token_pages
+from kvpress.kernels.triton_compat import require_triton, tl, triton
 from kvpress.kernels.store_access import check_store_args, gather_dequantized, token_span
 
 

@@ -1,0 +1,148 @@
+"""Triton helpers that load stored tokens (contiguous or paged, 16-bit or quantized) into register tiles: page
+lookup, code unpacking (split-halves int4), the fp16 bit trick, and the per-group affine x = code * scale + zero."""
+from kvpress.kernels.triton_compat import tl, triton
+
+
+@triton.jit
+def _apply_group_affine(
+    codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
+    HALF: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF) half: loads each token's few group
+    scales once and broadcasts them over their group (a group spans one half, or the whole head)."""
+    if GROUP >= 2 * HALF:  # one group per token
+        scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
+        result = codes * scale[:, None] + zero[:, None]
+    elif GROUP == HALF:  # one group per half
+        offsets = scale_row_offsets + half_index * stride_g
+        scale = tl.load(scale_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
+        result = codes * scale[:, None] + zero[:, None]
+    else:
+        GROUPS: tl.constexpr = HALF // GROUP
+        groups = half_index * GROUPS + tl.arange(0, GROUPS)
+        offsets = scale_row_offsets[:, None] + groups[None, :] * stride_g
+        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
+        grouped = tl.reshape(codes, (codes.shape[0], GROUPS, GROUP))
+        result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF))
+    return result
+
+
+@triton.jit
+def _fp16_from_codes(codes):
+    """Exact uint code (< 1024) -> fp16 without a conversion instruction: the bits 0x6400 | c read as fp16 are
+    1024 + c, and subtracting 1024 is exact (conversions are the slow path of dequantization on GPUs)."""
+    biased = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return biased - tl.full(biased.shape, 1024.0, tl.float16)
+
+
+@triton.jit
+def load_token_halves(
+    base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
+    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr, FP16_CODES: tl.constexpr,
+):  # fmt: skip
+    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF) half-vectors of dtype COMPUTE.
+
+    FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
+    loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
+    """
+    cols = tl.arange(0, HALF)
+    mask = token_mask[:, None]
+    if BITS == 4:
+        packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
+        low = packed & 15
+        high = packed >> 4
+    else:
+        low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
+        high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)
+    if BITS == 16:
+        low = low.to(COMPUTE)
+        high = high.to(COMPUTE)
+    else:
+        if FP16_CODES:
+            low = _fp16_from_codes(low)
+            high = _fp16_from_codes(high)
+        else:
+            low = low.to(tl.float32)
+            high = high.to(tl.float32)
+        low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF, GROUP)
+        high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF, GROUP)
+        low = low.to(COMPUTE)
+        high = high.to(COMPUTE)
+    return low, high
+
+
+@triton.jit
+def token_pages(table_ptr, table_row, tokens, token_mask, page_size):
+    """Map logical token indices of one row to (page as int64, slot) through its block-table row."""
+    page = tl.load(table_ptr + table_row + tokens // page_size, mask=token_mask, other=0).to(tl.int64)
+    return page, tokens % page_size
+
+
+# Factored dequantization (KVPRESS_DEQUANT=factored). With a field's groups of GROUP head-dim elements, a "half"
+# (HALF = D/2 columns, the unit the split-halves packing gives) holds GROUPS = HALF // GROUP whole groups when
+# GROUP < HALF; such halves are handled as (GROUPS, ..., GROUP) 3D tiles and batched dots. When one group spans
+# a half or the whole head, tiles stay 2D.
+
+
+@triton.jit
+def codes_as_dot_operand(codes, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr):
+    """Raw uint codes (< 256) -> exact dot operands of dtype DOT_DTYPE (fp16 by the bit trick when FP16_CODES)."""
+    if FP16_CODES:
+        result = _fp16_from_codes(codes)
+    else:
+        result = codes.to(tl.float32).to(DOT_DTYPE)
+    return result
+
+
+@triton.jit
+def load_code_halves(
+    base_ptr, row_offsets, stride_x, token_mask,
+    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr,
+):  # fmt: skip
+    """Raw codes of BLOCK_N tokens as two halves of exact dot operands, without any affine: (BLOCK_N, HALF)
+    each, or (HALF // GROUP, BLOCK_N, GROUP) each when groups are narrower than a half (group-major, loaded
+    directly in that order so no register shuffles are needed)."""
+    if GROUP < HALF:
+        GROUPS: tl.constexpr = HALF // GROUP
+        groups = tl.arange(0, GROUPS)
+        within = tl.arange(0, GROUP)
+        cols = groups[:, None, None] * GROUP + within[None, None, :]
+        ptrs = base_ptr + row_offsets[None, :, None] + cols * stride_x
+        mask = token_mask[None, :, None]
+    else:
+        cols = tl.arange(0, HALF)
+        ptrs = base_ptr + row_offsets[:, None] + cols[None, :] * stride_x
+        mask = token_mask[:, None]
+    if BITS == 4:
+        packed = tl.load(ptrs, mask=mask, other=0)
+        low = packed & 15
+        high = packed >> 4
+    else:
+        low = tl.load(ptrs, mask=mask, other=0)
+        high = tl.load(ptrs + HALF * stride_x, mask=mask, other=0)
+    return codes_as_dot_operand(low, DOT_DTYPE, FP16_CODES), codes_as_dot_operand(high, DOT_DTYPE, FP16_CODES)
+
+
+@triton.jit
+def load_scale_zero(
+    scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask, HALF: tl.constexpr, GROUP: tl.constexpr
+):  # fmt: skip
+    """fp32 scale and zero of BLOCK_N tokens for one half: (BLOCK_N,) when one group spans the half or the whole
+    head (then half_index is ignored), else (HALF // GROUP, BLOCK_N) for the half's groups."""
+    if GROUP >= 2 * HALF:
+        offsets = scale_row_offsets
+        mask = token_mask
+    elif GROUP == HALF:
+        offsets = scale_row_offsets + half_index * stride_g
+        mask = token_mask
+    else:
+        GROUPS: tl.constexpr = HALF // GROUP
+        groups = half_index * GROUPS + tl.arange(0, GROUPS)
+        offsets = scale_row_offsets[None, :] + groups[:, None] * stride_g
+        mask = token_mask[None, :]
+    scale = tl.load(scale_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    zero = tl.load(zero_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    return scale, zero
