@@ -80,17 +80,18 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
     try:
         observer = kv_config.press if window else None
         row_caches = [_prefill_row(model, prefix_cache, row, hit, observer) for row, hit in zip(rows, hits)]
-        if compressed:
+        if compressed and width > 1:  # (a 1-token batch is an ordinary prefill of the configured cache)
             codes = same_codes(kv_config.quant, shared_codes_spec(prefix_cache)) and kv_config.press is None
-            _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
-            _insert_prompts(prefix_cache, ns, cache, rows, pads)
-        else:
-            _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
+            _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
+        _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
         cache.record_hits(hits)
+        if compressed:  # the prompts' full-precision KV exists only until their last token: store it now
+            _insert(prefix_cache, ns, cache, hits, input_ids, [len(row) - 1 for row in rows], pads)
         out = generate_fn(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
         if not compressed:
             sequences = out.sequences if hasattr(out, "sequences") else out
-            _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs)
+            _insert(prefix_cache, ns, cache, hits, sequences, _stored_lengths(model, sequences, pads, width, kwargs),
+                    pads)
     finally:
         for hit in hits:
             prefix_cache.release(hit)
@@ -185,40 +186,22 @@ def _shared_codes(prefix_cache, layer_idx, hits, pads, slots, quant, device) -> 
                         (quant.k_group_size, quant.group_size))
 
 
-def _assemble_deferred(cache, prefix_cache, row_caches, hits, pads, width, shared_quant=None) -> None:
-    """Fill the batched cache of compressed requests: each row's whole prompt but its last token in full precision
-    (shared prefix copied from the pages, then the row's private tokens), laid out exactly as a left-padded prefill
-    would; press and quant apply once the last prompt token has been attended (DeferredEncoding). With
-    `shared_quant` (the request's quantization, whose codes the pool keeps), the quantized middle slots every row
-    matched are then read from the pool's codes in place instead of being stored privately."""
-    if width == 1:  # nothing before the last token: the first forward is an ordinary prefill
-        return
+def _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, shared_quant=None) -> None:
+    """Compressed requests: their layers start as full-precision layers (filled by `_assemble` like an uncompressed
+    request: private tokens stored, shared prefix read in place) carrying a DeferredEncoding, so the prompt's last
+    token attends in full precision and only then is the prompt quantized and pressed, one layer at a time, exactly
+    as a left-padded prefill would (KVPressLayer.encode_deferred). With `shared_quant` (the request's quantization,
+    whose codes the pool keeps), the quantized middle slots every row matched stay in the pool, read in place."""
     slots = _shared_code_slots(shared_quant, hits, pads, width) if shared_quant is not None else (0, 0)
+    device = row_caches[0].layers[0].device if row_caches[0].layers[0].is_initialized else None
     for idx, layer in enumerate(cache.layers):
-        per_row = []
-        for rc, hit in zip(row_caches, hits):
-            private = rc.layers[idx].kv.main.store
-            parts = [prefix_cache.gather(hit, idx)] if hit.n_tokens else []
-            if private.length:
-                parts.append({name: private.view(name)[0] for name in ("k", "v")})
-            per_row.append({name: torch.cat([p[name] for p in parts], dim=1) for name in ("k", "v")} if parts else None)
-        like = next(r for r in per_row if r is not None)
-        empty = {name: like[name][:, :0] for name in ("k", "v")}
-        fields = {name: torch.stack([torch.nn.functional.pad((r or empty)[name], (0, 0, pad, 0)) for r, pad in
-                                     zip(per_row, pads)]) for name in ("k", "v")}
         queries = _batched_window_queries([rc.layers[idx].window_queries for rc in row_caches], layer.press)
         layer.deferred = DeferredEncoding(layer.press, layer.kv.quant, queries)
         if slots[1] > slots[0]:
             layer.deferred.shared = _shared_codes(prefix_cache, idx, hits, pads, slots, shared_quant,
-                                                  fields["k"].device)
+                                                  device or prefix_cache.pool.device)
             layer.deferred.shared_slots = slots
         layer.press, layer.kv = None, SegmentedKV(None)
-        layer.kv.main.store.append(fields)
-        layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
-        layer.is_initialized = True
-        layer.set_kv_start(torch.tensor(pads, dtype=torch.int32, device=layer.device))
-        layer.logical_length = width - 1
-        layer._refresh_views()
 
 
 def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
@@ -237,16 +220,6 @@ def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
     return torch.cat(rows, dim=0)
 
 
-def _insert_prompts(prefix_cache, ns, cache, rows, pads) -> None:
-    """Store each row's prompt but its last token from the deferred full-precision copy (before it is compressed)."""
-    for b, row in enumerate(rows):
-        if len(row) - 1 < prefix_cache.page_size:  # only whole pages are kept
-            continue
-        layers = [_with_codes(prefix_cache, {name: layer.kv.main.store.view(name)[b, :, pads[b]:]
-                                             for name in ("k", "v")}) for layer in cache.layers]
-        prefix_cache.store(ns, row[:-1], layers)
-
-
 def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add the codes of the PrefixCache's `quant` (computed exactly as a quantized cache computes them) to full-
     precision fields (H_kv, n, D), when it keeps codes."""
@@ -258,16 +231,28 @@ def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torc
     return {**fields, **dict(zip(CODE_FIELDS, (kq, ks, kz, vq, vs, vz)))}
 
 
-def _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs) -> None:
-    """Store each row's prompt + generated tokens (up to its end of sequence) for later calls."""
+def _stored_lengths(model, sequences, pads, width, kwargs) -> list[int]:
+    """Per row: prompt + generated tokens up to its end of sequence whose KV the cache holds (the last generated
+    token was never fed back)."""
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     eos = set([eos] if isinstance(eos, int) else (eos or []))
     steps = sequences.shape[1] - width
-    for b, hit in enumerate(hits):
+    lengths = []
+    for b in range(sequences.shape[0]):
         generated = sequences[b, width:].tolist()
         n_gen = next((i for i, t in enumerate(generated) if t in eos), len(generated))
         n_real = width - pads[b]
-        n_store = min(n_real + n_gen, n_real + steps - 1)
+        lengths.append(min(n_real + n_gen, n_real + steps - 1))
+    return lengths
+
+
+def _insert(prefix_cache, ns, cache, hits, sequences, lengths, pads) -> None:
+    """Store each row's first lengths[b] tokens (whole pages only): full-precision KV = its shared prefix pages
+    followed by its private tokens (the layers hold them in full precision: uncompressed, or deferred)."""
+    for b, hit in enumerate(hits):
+        n_store = lengths[b]
+        if n_store < prefix_cache.page_size:
+            continue
         tokens = sequences[b, pads[b] : pads[b] + n_store].tolist()
         layers = []
         for idx, layer in enumerate(cache.layers):
@@ -276,8 +261,9 @@ def _insert(model, prefix_cache, ns, cache, hits, sequences, pads, width, kwargs
             private_n = n_store - hit.n_tokens
             per_field = {}
             for name in ("k", "v"):
-                private = layer.kv.main.store.view(name)[b, :, start : start + private_n]
-                per_field[name] = private if shared is None else torch.cat([shared[name], private], dim=1)
+                private = layer.kv.main.store.view(name)[b, :, start : start + private_n] if private_n else None
+                parts = [t for t in (shared[name] if shared is not None else None, private) if t is not None]
+                per_field[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             layers.append(_with_codes(prefix_cache, per_field))
         prefix_cache.store(ns, tokens, layers)
 
