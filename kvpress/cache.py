@@ -108,8 +108,9 @@ class KVPressLayer(CacheLayerMixin):
         self.index_batch(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.kv.length:
-            self.index_batch(torch.arange(self.kv.batch_size, device=self.device).repeat_interleave(repeats))
+        batch = self.kv.batch_size if self.kv.length else (self.prefix.ends.shape[0] if self.prefix is not None else 0)
+        if batch:
+            self.index_batch(torch.arange(batch, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.index_batch(indices)

@@ -85,10 +85,15 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
             _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
         _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
         cache.record_hits(hits)
-        if compressed:  # the prompts' full-precision KV exists only until their last token: store it now
+        expand = _expansion(model, kwargs)
+        # compressed prompts are full precision only until their last token; beams/samples reorder rows: store now
+        insert_prompts_now = compressed or expand > 1
+        if insert_prompts_now:
             _insert(prefix_cache, ns, cache, hits, input_ids, [len(row) - 1 for row in rows], pads)
+        if expand > 1:  # generate repeats each input row for beams / returned sequences; the cache must match
+            cache.batch_repeat_interleave(expand)
         out = generate_fn(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
-        if not compressed:
+        if not insert_prompts_now:
             sequences = out.sequences if hasattr(out, "sequences") else out
             _insert(prefix_cache, ns, cache, hits, sequences, _stored_lengths(model, sequences, pads, width, kwargs),
                     pads)
@@ -96,6 +101,14 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
         for hit in hits:
             prefix_cache.release(hit)
     return out, cache
+
+
+def _expansion(model, kwargs: dict) -> int:
+    """How many rows generate makes of each input row (beams or returned sequences), as transformers computes it."""
+    config = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", config.num_beams) or 1
+    returned = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+    return max(beams, returned)
 
 
 def _attach_prefix(layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> None:

@@ -166,3 +166,26 @@ def test_short_and_fully_cached_prompts_with_compression(compression, pool_quant
     for batch_size in (1, 6, 3):
         assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
     cache.check_invariants()
+
+
+@pytest.mark.parametrize("compression,pool_quant", [COMPRESSION["fp"], COMPRESSION["quant-shared-codes"]],
+                         ids=["fp", "quant-shared-codes"])
+def test_beam_search_and_several_samples_per_prompt(compression, pool_quant):
+    model = tiny_model("llama")
+    doc = torch.randint(3, 128, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    first, second = torch.tensor([doc + [7, 8, 9]]), torch.tensor([doc + [17, 18, 19, 20], doc[:30] + [5] * 34])
+    beams = dict(max_new_tokens=6, do_sample=False, num_beams=2, num_return_sequences=2, eos_token_id=None,
+                 pad_token_id=0)
+    kvpress.wrap(model, **compression)
+    reference = model.generate(input_ids=second, **beams)
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=pool_quant)
+    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, **compression)
+    model.generate(input_ids=first, **beams)
+    assert torch.equal(model.generate(input_ids=second, **beams), reference)
+    assert kvpress.last_generate_stats(model)["matched_tokens"] == [48, 16]
+    torch.manual_seed(0)
+    sampled = model.generate(input_ids=second, do_sample=True, num_return_sequences=3, max_new_tokens=4,
+                             eos_token_id=None, pad_token_id=0)
+    assert sampled.shape == (6, second.shape[1] + 4)
+    prefix_cache.check_invariants()
+    assert prefix_cache.stats()["live_matches"] == 0
