@@ -4,13 +4,16 @@ Per layer and forward: the cache layer's `update()` stashed the new chunk; this 
 chunk into the layer's segments. Three phases share it:
 - prefill (empty layer): SDPA over the chunk with transformers' own mask (bit-identical to the plain model);
 - extend (a chunk after stored tokens): kernels over each stored segment + the chunk itself, merged exactly;
-- decode (one query): the token is stored first, then the kernels read every segment (the unquantized,
-  unpressed case uses SDPA over the stored view, which is exactly what transformers computes).
+- decode (one query): the token is stored first, then one fused kernel reads every segment and the shared prefix
+  (decode_attention_multi; the unquantized, unpressed case uses SDPA over the stored view, which is exactly what
+  transformers computes).
 The mask of the new chunk comes from transformers (registered mask = sdpa's); which stored tokens a row sees
 (left padding, filler slots, sliding window) comes from the layer. Presses observe each stored prefill chunk and
 compress when the prompt is complete (first decode step), or after every chunk with `compress_every_chunk=True`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import AttentionInterface
@@ -18,9 +21,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .compress import compress, evict_before_decode, observe_chunk
-from .kernels import merge_attention_states
+from .kernels import decode_attention_multi, merge_attention_states
 
 ATTENTION_NAME = "kvpress"
+DECODE_ENV = "KVPRESS_DECODE"  # "fused" (default): one kernel over all segments; "segments": one per segment + merges
 
 
 def kvpress_attention_forward(
@@ -76,9 +80,31 @@ def _attend_unquantized(module, layer, query, key, value, chunk_mask, chunk_vali
     return out
 
 
+def decode_mode() -> str:
+    """How decode attends the segments: $KVPRESS_DECODE (read at every call), "fused" unless set to "segments"."""
+    mode = os.environ.get(DECODE_ENV, "").strip().lower() or "fused"
+    if mode not in ("fused", "segments"):
+        raise ValueError(f"{DECODE_ENV} must be 'fused', 'segments' or unset; got {mode!r}")
+    return mode
+
+
 def _decode_segments(layer, query, key, value, scaling):
-    """One new token: store it, then attend over every segment with the kernels; accumulate H2O mass."""
+    """One new token: store it, then attend over every segment (and the shared prefix) in one fused kernel call
+    (KVPRESS_DECODE=segments: one call per segment, merged pairwise); accumulate H2O mass."""
     layer.append(key, value, None)
+    if decode_mode() == "segments":
+        return _decode_per_segment(layer, query, scaling)
+    stores = [seg.store_args(layer.kv_start, off) for seg, off in layer.kv.offsets() if seg.length]
+    if layer.prefix is not None:
+        stores.append(layer.prefix.store_args())
+    out, lse = decode_attention_multi(query[:, :, 0], tuple(stores), scaling, out_dtype=query.dtype)
+    if layer.mass is not None:
+        _accumulate_mass(layer, query, lse[:, :, None], scaling)
+    return out[:, None]  # (B, 1, Hq, D), contiguous
+
+
+def _decode_per_segment(layer, query, scaling):
+    """The per-segment decode (two launches per segment, a merge per extra one), kept for comparison."""
     parts = [(seg.attend(query, layer.kv_start, off, scaling)) for seg, off in layer.kv.offsets() if seg.length]
     if layer.prefix is not None:
         parts.append(layer.prefix.attend(query, scaling))
@@ -86,9 +112,14 @@ def _decode_segments(layer, query, key, value, scaling):
     for o, l in parts[1:]:
         out, lse = merge_attention_states(out, lse, o, l)
     if layer.mass is not None:
-        mass = [seg.scores(query, lse, layer.kv_start, off, scaling) for seg, off in layer.kv.offsets() if seg.length]
-        layer.mass = layer.mass + torch.cat(mass, dim=2)
+        _accumulate_mass(layer, query, lse, scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _accumulate_mass(layer, query, lse, scaling):
+    """H2O: add this step's attention mass per stored token (given the final lse (B, Hq, 1)) to layer.mass."""
+    mass = [seg.scores(query, lse, layer.kv_start, off, scaling) for seg, off in layer.kv.offsets() if seg.length]
+    layer.mass = layer.mass + torch.cat(mass, dim=2)
 
 
 def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):

@@ -2,8 +2,8 @@
 
 Unquantized layers have one fp segment. Quantized layers have three: the first `n_sink` tokens in full precision,
 the quantized middle, and a full-precision window of the most recent tokens that is flushed to the middle in blocks.
-Attention is order-free, so each segment is attended separately and the partial results are merged; presses see the
-concatenation in logical order.
+Attention is order-free, so the segments are attended as separate stores whose partial results merge exactly (at decode,
+all of them in one fused kernel: decode_attention_multi); presses see the concatenation in logical order.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class Segment:
         self.store = ContiguousStore(max_tokens)
         self.k_bits, self.v_bits, self.k_group, self.v_group = k_bits, v_bits, k_group, v_group
         self.fp_dtype = fp_dtype  # dtype for fp32 inputs (16-bit inputs are kept as they are); None: unchanged
+        self._start_cache: tuple | None = None  # (layer kv_start, its version, offset, kv_start - offset)
+        self._span_cache: tuple | None = None  # (layer kv_start, key, (start, end)) of the last span()
 
     @property
     def quantized(self) -> bool:
@@ -55,8 +57,11 @@ class Segment:
         """Encode and store tokens at the end; quantized tokens are written in place by the quantize-and-store
         kernel (Triton on CUDA), so no encoded copy is made first."""
         store = self.store
-        if not self.quantized or not store.fields:  # first write: exact-size allocation
+        if not store.fields:  # first write: exact-size allocation
             store.append(self.encode(k, v))
+            return
+        if not self.quantized:  # writing into the existing fields casts (no separate conversion op)
+            store.append({"k": k, "v": v})
             return
         n = k.shape[2]
         store.reserve(n)
@@ -76,11 +81,36 @@ class Segment:
                 self.store.block_table())
 
     def span(self, kv_start: torch.Tensor | None, offset: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row [start, end) of this segment's attended tokens, given the layer-wide padding start."""
+        """Per-row [start, end) of this segment's attended tokens, given the layer-wide padding start; the tensors
+        are reused while the inputs and the length stay the same (read-only)."""
+        key = (None if kv_start is None else kv_start._version, offset, self.length, batch, device)
+        cached = self._span_cache
+        if cached is not None and cached[0] is kv_start and cached[1] == key:
+            return cached[2]
         end = torch.full((batch,), self.length, dtype=torch.int32, device=device)
         if kv_start is None:
-            return torch.zeros_like(end), end
-        return (kv_start.to(device) - offset).clamp(0, self.length).to(torch.int32), end
+            span = torch.zeros_like(end), end
+        else:
+            span = (kv_start.to(device) - offset).clamp(0, self.length).to(torch.int32), end
+        self._span_cache = (kv_start, key, span)
+        return span
+
+    def store_args(self, kv_start: torch.Tensor | None, offset: int) -> tuple:
+        """This segment as one store of decode_attention_multi, given the layer-wide padding start.
+
+        Bounds cost no per-step tensor op: the end is the int length, the start 0 without padding, else the layer's
+        kv_start shifted by `offset` - built once per (kv_start, offset) and reused - which the kernel clamps into
+        [0, length]."""
+        if kv_start is None:
+            start = 0
+        elif offset == 0:
+            start = kv_start
+        else:
+            cached = self._start_cache
+            if cached is None or cached[0] is not kv_start or cached[1] != kv_start._version or cached[2] != offset:
+                cached = self._start_cache = (kv_start, kv_start._version, offset, kv_start - offset)
+            start = cached[3]
+        return (*self.kernel_args(), start, self.length, self.k_bits, self.v_bits, self.k_group, self.v_group)
 
     def attend(self, q: torch.Tensor, kv_start, offset: int, sm_scale: float):
         """Partial attention (out, lse) of q (B, Hq, Q, D) over this segment."""
@@ -252,6 +282,12 @@ class SharedPrefix:
                  groups: tuple[int | None, int | None] = (None, None)) -> None:
         self.fields, self.bits, self.groups = fields, bits, groups
         self.block_table, self.starts, self.ends = (t.to(torch.int32) for t in (block_table, starts, ends))
+
+    def store_args(self) -> tuple:
+        """The shared pages as one store of decode_attention_multi (rows read [starts, ends) of their pages)."""
+        f = self.fields
+        return (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"), self.block_table,
+                self.starts, self.ends, *self.bits, *self.groups)
 
     def attend(self, q: torch.Tensor, sm_scale: float):
         f = self.fields

@@ -2,6 +2,7 @@
 from kvpress.kernels.dispatch import (
     attention_scores,
     decode_attention,
+    decode_attention_multi,
     extend_attention,
     kernel_backend,
     merge_attention_states,
@@ -11,6 +12,7 @@ from kvpress.kernels.dispatch import (
 __all__ = [
     "attention_scores",
     "decode_attention",
+    "decode_attention_multi",
     "extend_attention",
     "kernel_backend",
     "merge_attention_states",

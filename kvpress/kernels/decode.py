@@ -123,8 +123,8 @@ def _check_decode_query(q: torch.Tensor) -> None:
 
 
 @triton.jit
-def _split_attention_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, start_ptr, end_ptr, out_ptr, lse_ptr,
+def attend_split(
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qq, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kx,
     stride_ksp, stride_ksh, stride_kss, stride_ksg,
@@ -133,24 +133,16 @@ def _split_attention_kernel(
     stride_tb,
     stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
     stride_lb, stride_lh, stride_lq, stride_lsplit,
-    kv_heads, group, num_queries, page_size, num_splits, qk_scale,
+    b, kv_head, pid_m, start, end, split, num_splits, out_split,
+    group, num_queries, page_size, qk_scale,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
-    FACTOR_K: tl.constexpr = False, FACTOR_V: tl.constexpr = False,
+    FACTOR_K: tl.constexpr, FACTOR_V: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
-
-    Writes the split's normalised partial output and its natural-log lse (out 0 / lse -inf when empty).
-    FACTOR_K / FACTOR_V: apply that field's affine to the scores / probabilities instead of to its tile
-    (factored dequantization, see factored_fields); both False is the register-dequantization kernel.
-    """
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bh // kv_heads
-    kv_head = pid_bh % kv_heads
-
+    """The body of one split-K program, shared by the one-store and the multi-store (kernels/multi.py) kernels:
+    BLOCK_M query rows (tile pid_m of kv head `kv_head` of row b) over split `split` of `num_splits` of the row's
+    tokens [start, end) (start <= end); the partial goes to split column `out_split` of out / lse."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < group * num_queries
     heads = kv_head * group + rows // num_queries
@@ -165,8 +157,6 @@ def _split_attention_kernel(
         q_low, qsum_low = factored_query(q_low, HALF, K_GROUP)
         q_high, qsum_high = factored_query(q_high, HALF, K_GROUP)
 
-    start = tl.load(start_ptr + b).to(tl.int32)
-    end = tl.load(end_ptr + b).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, end)
@@ -233,11 +223,57 @@ def _split_attention_kernel(
     nonempty = l_i > 0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_rows = out_ptr + b * stride_ob + heads * stride_oh + queries * stride_oq + split * stride_osplit
+    o_rows = out_ptr + b * stride_ob + heads * stride_oh + queries * stride_oq + out_split * stride_osplit
     tl.store(o_rows[:, None] + cols[None, :] * stride_od, acc_low * inv_l[:, None], mask=row_mask[:, None])
     tl.store(o_rows[:, None] + (cols[None, :] + HALF) * stride_od, acc_high * inv_l[:, None], mask=row_mask[:, None])
-    l_rows = lse_ptr + b * stride_lb + heads * stride_lh + queries * stride_lq + split * stride_lsplit
+    l_rows = lse_ptr + b * stride_lb + heads * stride_lh + queries * stride_lq + out_split * stride_lsplit
     tl.store(l_rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _split_attention_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, start_ptr, end_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qq, stride_qd,
+    stride_kp, stride_kh, stride_ks, stride_kx,
+    stride_ksp, stride_ksh, stride_kss, stride_ksg,
+    stride_vp, stride_vh, stride_vs, stride_vx,
+    stride_vsp, stride_vsh, stride_vss, stride_vsg,
+    stride_tb,
+    stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+    stride_lb, stride_lh, stride_lq, stride_lsplit,
+    kv_heads, group, num_queries, page_size, num_splits, qk_scale,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
+    FACTOR_K: tl.constexpr = False, FACTOR_V: tl.constexpr = False,
+):  # fmt: skip
+    """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
+
+    Writes the split's normalised partial output and its natural-log lse (out 0 / lse -inf when empty).
+    FACTOR_K / FACTOR_V: apply that field's affine to the scores / probabilities instead of to its tile
+    (factored dequantization, see factored_fields); both False is the register-dequantization kernel.
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // kv_heads
+    kv_head = pid_bh % kv_heads
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = tl.load(end_ptr + b).to(tl.int32)
+    attend_split(
+        q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qq, stride_qd,
+        stride_kp, stride_kh, stride_ks, stride_kx,
+        stride_ksp, stride_ksh, stride_kss, stride_ksg,
+        stride_vp, stride_vh, stride_vs, stride_vx,
+        stride_vsp, stride_vsh, stride_vss, stride_vsg,
+        stride_tb,
+        stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+        stride_lb, stride_lh, stride_lq, stride_lsplit,
+        b, kv_head, pid_m, start, end, split, num_splits, split,
+        group, num_queries, page_size, qk_scale,
+        HALF, BLOCK_M, BLOCK_N, K_BITS, V_BITS, K_GROUP, V_GROUP, DOT_DTYPE, PRECISION, FP16_CODES, FACTOR_K, FACTOR_V,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -11,6 +11,7 @@ import torch
 from kvpress.kernels.decode import decode_attention_reference, decode_attention_triton
 from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
 from kvpress.kernels.merge import merge_attention_states
+from kvpress.kernels.multi import decode_attention_multi_reference, decode_attention_multi_triton
 from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
 from kvpress.kernels.triton_compat import HAS_TRITON
 
@@ -52,6 +53,23 @@ def decode_attention(
     impl = decode_attention_triton if kernel_backend(q.device) == "triton" else decode_attention_reference
     return impl(q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end,
                 sm_scale, k_bits, v_bits, k_group, v_group)  # fmt: skip
+
+
+def decode_attention_multi(
+    q: torch.Tensor,
+    stores: tuple[tuple, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row/head over 1..4 stores at once (one split-K launch + one combine on Triton): q (B, Hq, D)
+    -> out (B, Hq, D) float32 (or `out_dtype`), natural-log lse (B, Hq) float32, exactly merged over the stores.
+
+    Each store is (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group,
+    v_group) as decode_attention takes them, except that kv_start / kv_end may be ints (same for every row) and
+    starts are clamped into [0, kv_end] (see kvpress.kernels.multi)."""
+    if kernel_backend(q.device) == "triton":
+        return decode_attention_multi_triton(q, stores, sm_scale, out_dtype)
+    return decode_attention_multi_reference(q, stores, sm_scale, out_dtype)
 
 
 def extend_attention(
@@ -110,6 +128,7 @@ def quantize_store(*args: Any, **kwargs: Any) -> Any:
 __all__ = [
     "attention_scores",
     "decode_attention",
+    "decode_attention_multi",
     "extend_attention",
     "kernel_backend",
     "merge_attention_states",

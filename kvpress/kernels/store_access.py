@@ -91,11 +91,14 @@ def check_store_args(
     v_bits: int,
     k_group: int | None,
     v_group: int | None,
+    int_bounds: bool = False,
 ) -> StoreGeometry:
     """Check q (B, Hq, Q, D) against the store fields and row bounds; raise ValueError naming the problem.
 
     Pass v=None to check keys only (attention_scores). Values of block_table/kv_start/kv_end are not read
     here (that would synchronise a GPU); the torch twins check them, the Triton kernels trust them.
+    `int_bounds`: kv_start / kv_end may also be non-negative Python ints (one bound for every row; the
+    multi-store decode takes them).
     """
     if q.dim() != 4 or not q.is_floating_point():
         raise ValueError(f"q must be a floating tensor shaped (B, Hq, Q, D); got {q.dtype} {tuple(q.shape)}")
@@ -115,12 +118,20 @@ def check_store_args(
         v_group_size = _resolve_group("v", v, v_scale, v_zero, v_bits, v_group, head_dim)
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
         raise ValueError(f"block_table must be shaped (B={batch}, max_pages>=1); got {tuple(block_table.shape)}")
-    for label, t in (("block_table", block_table), ("kv_start", kv_start), ("kv_end", kv_end)):
+    tensor_bounds = []
+    for label, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if not isinstance(t, torch.Tensor):
+            if not int_bounds or isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                kind = "an int32/int64 (B,) tensor or an int >= 0" if int_bounds else "an int32/int64 (B,) tensor"
+                raise ValueError(f"{label} must be {kind}; got {t!r}")
+            continue
+        tensor_bounds.append((label, t))
+    for label, t in (("block_table", block_table), *tensor_bounds):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{label} must be int32 or int64; got {t.dtype}")
         if t.device != q.device or k.device != q.device:
             raise ValueError(f"{label}, q and the store must be on one device; got {t.device}, {q.device}, {k.device}")
-    if tuple(kv_start.shape) != (batch,) or tuple(kv_end.shape) != (batch,):
+    if any(tuple(t.shape) != (batch,) for _, t in tensor_bounds):
         raise ValueError(f"kv_start and kv_end must be shaped (B,) = ({batch},)")
     return StoreGeometry(
         batch, q_heads, kv_heads, num_queries, head_dim, k.shape[2], k_group_size, v_group_size

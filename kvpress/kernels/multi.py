@@ -1,0 +1,370 @@
+"""Decode attention over several stores at once: one split-K launch and one combine launch for all of them.
+
+A quantized layer keeps its tokens in up to three stores (fp16 sinks, the quantized middle, the fp16 window), plus a
+shared prefix read in place. Attending each store separately costs two launches per store and a merge per extra
+store; here the split axis of ONE grid is partitioned among the stores (each gets its own number of splits, about
+proportional to its capacity and at least one), every program picks its store's pointers and encoding from its
+split index, and writes its partial (out, lse) into one shared set of partial buffers that the existing combine
+kernel merges exactly (log-sum-exp) - across splits and stores alike.
+
+A store is the argument tuple of the one-store kernels:
+    (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group, v_group)
+except that kv_start / kv_end may also be Python ints (the same bound for every row: no tensor to build per step),
+and starts are clamped into [0, kv_end] (a caller may pass `layer_start - offset` unclamped). Rows whose span in a
+store is empty get nothing from it (partial lse -inf).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpress.kernels.decode import (
+    LOG2E,
+    _MAX_SPLITS,
+    _combine_splits_kernel,
+    _target_programs,
+    attend_split,
+    check_triton_head_dim,
+    decode_attention_reference,
+    dot_operand_type,
+)
+from kvpress.kernels.factored import dequant_mode, factored_fields
+from kvpress.kernels.store_access import check_store_args
+from kvpress.kernels.triton_compat import require_triton, tl, triton
+
+MAX_STORES = 4  # sinks, quantized middle, window, shared prefix
+StoreArgs = tuple  # (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, bits x2, groups x2)
+
+
+def check_multi_args(q: torch.Tensor, stores: tuple[StoreArgs, ...]) -> list:
+    """Check q (B, Hq, D) and 1..MAX_STORES store tuples; return each store's StoreGeometry."""
+    if q.dim() != 3:
+        raise ValueError(f"decode q must be shaped (B, Hq, D); got {tuple(q.shape)}")
+    if not 1 <= len(stores) <= MAX_STORES:
+        raise ValueError(f"decode_attention_multi takes 1 to {MAX_STORES} stores; got {len(stores)}")
+    geos = []
+    q4 = q.unsqueeze(2)
+    for i, store in enumerate(stores):
+        if len(store) != 13:
+            raise ValueError(
+                f"store {i} must be (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, "
+                f"k_bits, v_bits, k_group, v_group); got {len(store)} items"
+            )
+        geos.append(check_store_args(q4, *store[:9], *store[9:], int_bounds=True))
+    return geos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch twin
+# ----------------------------------------------------------------------------------------------------------
+
+
+def row_bounds(
+    kv_start: torch.Tensor | int, kv_end: torch.Tensor | int, batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) int32 tensors of the multi-store bounds: ints broadcast to every row, starts clamped into [0, end]."""
+    end = kv_end if isinstance(kv_end, torch.Tensor) else torch.full((batch,), kv_end, device=device)
+    start = kv_start if isinstance(kv_start, torch.Tensor) else torch.full((batch,), kv_start, device=device)
+    end = end.to(torch.int32)
+    return torch.minimum(start.to(torch.int32).clamp(min=0), end), end
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge over the leading axis of partials outs (N, ..., D) and natural-log lses (N, ...);
+    partials with lse -inf get weight 0; all empty gives out 0, lse -inf."""
+    top = lses.max(dim=0).values
+    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
+    weights = torch.exp(lses - top)
+    total = weights.sum(dim=0)
+    nonempty = total > 0
+    safe_total = torch.where(nonempty, total, torch.ones_like(total))
+    parts = torch.where(weights[..., None] > 0, outs * weights[..., None], torch.zeros_like(outs))
+    out = parts.sum(dim=0) / safe_total[..., None]
+    lse = torch.where(nonempty, top + torch.log(safe_total), torch.full_like(top, -math.inf))
+    return out, lse
+
+
+def decode_attention_multi_reference(
+    q: torch.Tensor, stores: tuple[StoreArgs, ...], sm_scale: float, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin: the one-store twin per store, merged exactly. q (B, Hq, D) -> out (B, Hq, D) float32 (or
+    `out_dtype`), natural-log lse (B, Hq) float32."""
+    check_multi_args(q, stores)
+    outs, lses = [], []
+    for k, v, ks, kz, vs, vz, table, start, end, k_bits, v_bits, k_group, v_group in stores:
+        start, end = row_bounds(start, end, q.shape[0], q.device)
+        out, lse = decode_attention_reference(
+            q, k, v, ks, kz, vs, vz, table, start, end, sm_scale, k_bits, v_bits, k_group, v_group
+        )
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        out, lse = outs[0], lses[0]
+    else:
+        out, lse = merge_partials(torch.stack(outs), torch.stack(lses))
+    return (out if out_dtype is None else out.to(out_dtype)), lse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_bound(bound, b, PER_ROW: tl.constexpr):
+    """Row b's bound: loaded from a (B,) tensor when PER_ROW, else the scalar `bound` itself (as int32)."""
+    if PER_ROW:
+        value = tl.load(bound + b).to(tl.int32)
+    else:
+        value = (b * 0 + bound).to(tl.int32)
+    return value
+
+
+@triton.jit
+def _attend_store(
+    q_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qq, stride_qd,
+    stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+    stride_lb, stride_lh, stride_lq, stride_lsplit,
+    b, kv_head, pid_m, split, first_split, split_end, group, num_queries, qk_scale,
+    k, v, ks, kz, vs, vz, table, start, end,
+    skp, skh, sks, skx, sksp, sksh, skss, sksg,
+    svp, svh, svs, svx, svsp, svsh, svss, svsg, stb, page,
+    KB: tl.constexpr, VB: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, DT: tl.constexpr,
+    PR: tl.constexpr, F16: tl.constexpr, FK: tl.constexpr, FV: tl.constexpr, SR: tl.constexpr, ER: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Split `split` of the grid, which is local split `split - first_split` of this store's `split_end -
+    first_split`: the row's bounds (start clamped into [0, end]), then the shared split-K body."""
+    hi = tl.maximum(_row_bound(end, b, ER), 0)
+    lo = tl.minimum(tl.maximum(_row_bound(start, b, SR), 0), hi)
+    attend_split(
+        q_ptr, k, v, ks, kz, vs, vz, table, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qq, stride_qd,
+        skp, skh, sks, skx, sksp, sksh, skss, sksg,
+        svp, svh, svs, svx, svsp, svsh, svss, svsg,
+        stb,
+        stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+        stride_lb, stride_lh, stride_lq, stride_lsplit,
+        b, kv_head, pid_m, lo, hi, split - first_split, split_end - first_split, split,
+        group, num_queries, page, qk_scale,
+        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV,
+    )  # fmt: skip
+
+
+_BOUND_ARGS = [f"{name}{i}" for i in range(MAX_STORES) for name in ("start", "end", "split_end")]
+
+
+@triton.jit(do_not_specialize=_BOUND_ARGS)
+def _multi_split_attention_kernel(
+    q_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qq, stride_qd,
+    stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+    stride_lb, stride_lh, stride_lq, stride_lsplit,
+    kv_heads, group, num_queries, qk_scale,
+    k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
+    skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
+    svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0, split_end0,
+    k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
+    skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
+    svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1, split_end1,
+    k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
+    skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
+    svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2, split_end2,
+    k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
+    skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
+    svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3, split_end3,
+    NUM_STORES: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KB0: tl.constexpr, VB0: tl.constexpr, KG0: tl.constexpr, VG0: tl.constexpr, DT0: tl.constexpr,
+    PR0: tl.constexpr, F160: tl.constexpr, FK0: tl.constexpr, FV0: tl.constexpr, SR0: tl.constexpr, ER0: tl.constexpr,
+    KB1: tl.constexpr, VB1: tl.constexpr, KG1: tl.constexpr, VG1: tl.constexpr, DT1: tl.constexpr,
+    PR1: tl.constexpr, F161: tl.constexpr, FK1: tl.constexpr, FV1: tl.constexpr, SR1: tl.constexpr, ER1: tl.constexpr,
+    KB2: tl.constexpr, VB2: tl.constexpr, KG2: tl.constexpr, VG2: tl.constexpr, DT2: tl.constexpr,
+    PR2: tl.constexpr, F162: tl.constexpr, FK2: tl.constexpr, FV2: tl.constexpr, SR2: tl.constexpr, ER2: tl.constexpr,
+    KB3: tl.constexpr, VB3: tl.constexpr, KG3: tl.constexpr, VG3: tl.constexpr, DT3: tl.constexpr,
+    PR3: tl.constexpr, F163: tl.constexpr, FK3: tl.constexpr, FV3: tl.constexpr, SR3: tl.constexpr, ER3: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows of one kv head over one split of one store. Store s owns grid splits
+    [split_end{s-1}, split_end{s}) (split_end{-1} = 0); slots >= NUM_STORES are never compiled. Each slot has its
+    own pointers, strides, page size and encoding constexprs (bits, groups, dot dtype, factored fields, and
+    whether its start / end bounds are (B,) tensors (SR / ER) or scalars)."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // kv_heads
+    kv_head = pid_bh % kv_heads
+    if split < split_end0:
+        _attend_store(
+            q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
+            stride_ob, stride_oh, stride_oq, stride_osplit, stride_od, stride_lb, stride_lh, stride_lq, stride_lsplit,
+            b, kv_head, pid_m, split, 0, split_end0, group, num_queries, qk_scale,
+            k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
+            skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
+            svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0,
+            KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, HALF, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    if NUM_STORES > 1:
+        if (split >= split_end0) & (split < split_end1):
+            _attend_store(
+                q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
+                stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+                stride_lb, stride_lh, stride_lq, stride_lsplit,
+                b, kv_head, pid_m, split, split_end0, split_end1, group, num_queries, qk_scale,
+                k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
+                skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
+                svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1,
+                KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, HALF, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    if NUM_STORES > 2:
+        if (split >= split_end1) & (split < split_end2):
+            _attend_store(
+                q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
+                stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+                stride_lb, stride_lh, stride_lq, stride_lsplit,
+                b, kv_head, pid_m, split, split_end1, split_end2, group, num_queries, qk_scale,
+                k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
+                skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
+                svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2,
+                KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, HALF, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    if NUM_STORES > 3:
+        if (split >= split_end2) & (split < split_end3):
+            _attend_store(
+                q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
+                stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+                stride_lb, stride_lh, stride_lq, stride_lsplit,
+                b, kv_head, pid_m, split, split_end2, split_end3, group, num_queries, qk_scale,
+                k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
+                skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
+                svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3,
+                KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, HALF, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+
+
+def multi_split_counts(
+    capacities: list[int], programs_per_split: int, block_n: int, target_programs: int
+) -> list[int]:
+    """Splits per store: the one-store rule's total (enough programs to fill the device, at most one split per
+    4 * block_n tokens of capacity) shared out in proportion to capacity, at least 1 each, at most _MAX_SPLITS."""
+    wanted = triton.cdiv(target_programs, programs_per_split)
+    total = max(1, sum(capacities))
+    counts = [
+        max(1, min(triton.cdiv(cap, 4 * block_n), round(wanted * cap / total), _MAX_SPLITS)) for cap in capacities
+    ]
+    while sum(counts) > _MAX_SPLITS:  # trim the largest share (every store keeps one split)
+        counts[counts.index(max(counts))] -= 1
+    return counts
+
+
+def multi_tiles(rows: int, head_dim: int) -> tuple[int, int, int]:
+    """(block_m, block_n, m_tiles) for `rows` query rows per kv head (GQA group x queries), as the one-store kernel
+    picks them."""
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_n = 64 if block_m > 16 and head_dim <= 128 else 32
+    return block_m, block_n, triton.cdiv(rows, block_m)
+
+
+_SHARED_RUNTIME = ("q_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh", "stride_qq", "stride_qd", "stride_ob",
+                   "stride_oh", "stride_oq", "stride_osplit", "stride_od", "stride_lb", "stride_lh", "stride_lq",
+                   "stride_lsplit", "kv_heads", "group", "num_queries", "qk_scale")  # fmt: skip
+_SLOT_RUNTIME = ("k", "v", "ks", "kz", "vs", "vz", "table", "start", "end", "skp", "skh", "sks", "skx", "sksp", "sksh",
+                 "skss", "sksg", "svp", "svh", "svs", "svx", "svsp", "svsh", "svss", "svsg", "stb", "page", "split_end")
+_SHARED_CONSTEXPRS = ("NUM_STORES", "HALF", "BLOCK_M", "BLOCK_N")
+_SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER")
+
+
+def launch_arg_names() -> list[str]:
+    """The kernel's parameters in the order decode_attention_multi_triton passes them (pinned by a test)."""
+    slots = lambda names: [f"{name}{i}" for i in range(MAX_STORES) for name in names]  # noqa: E731
+    return [*_SHARED_RUNTIME, *slots(_SLOT_RUNTIME), *_SHARED_CONSTEXPRS, *slots(_SLOT_CONSTEXPRS)]
+
+
+def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None) -> tuple:
+    """(scale, zero, *4 strides) of a field; 0s for a 16-bit field, whose scale pointers are never read (an int
+    binds in a fraction of a tensor's launch cost)."""
+    if scale is None:
+        return 0, 0, 0, 0, 0, 0
+    return scale, zero, *scale.stride()
+
+
+def _slot_args(store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: int) -> tuple[list, list]:
+    """Runtime arguments (_SLOT_RUNTIME) and constexprs (_SLOT_CONSTEXPRS) of one store slot of the kernel."""
+    k, v, k_scale, k_zero, v_scale, v_zero, table, start, end, k_bits, v_bits, _, _ = store
+    ks, kz, *ks_strides = _scale_args(k_scale, k_zero)
+    vs, vz, *vs_strides = _scale_args(v_scale, v_zero)
+    dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits), (v, v_bits)])
+    factor_k, factor_v = factored_fields(dequant, geo.head_dim, k_bits, v_bits, geo.k_group, geo.v_group)
+    runtime = [k, v, ks, kz, vs, vz, table, start, end, *k.stride(), *ks_strides, *v.stride(), *vs_strides,
+               table.stride(0), geo.page_size, split_end]  # fmt: skip
+    constexprs = [k_bits, v_bits, geo.k_group, geo.v_group, dot_dtype, precision, fp16_codes, factor_k, factor_v,
+                  isinstance(start, torch.Tensor), isinstance(end, torch.Tensor)]  # fmt: skip
+    return runtime, constexprs
+
+
+def decode_attention_multi_triton(
+    q: torch.Tensor,
+    stores: tuple[StoreArgs, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    num_splits: tuple[int, ...] | None = None,
+    dequant: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-decoding over 1..4 stores in one split-K launch (+ one combine launch when there are >1 splits):
+    q (B, Hq, D) -> out (B, Hq, D) float32 (or `out_dtype`, cast in the kernel), natural-log lse (B, Hq) float32.
+
+    `num_splits` (one count >= 1 per store) overrides the capacity-proportional split counts; `dequant` as in
+    store_attention_triton. Row bounds are trusted (the twin checks them)."""
+    require_triton()
+    geos = check_multi_args(q, stores)
+    geo = geos[0]
+    check_triton_head_dim(geo.head_dim)
+    batch, q_heads, head_dim = q.shape
+    out = torch.empty(batch, q_heads, head_dim, dtype=out_dtype or torch.float32, device=q.device)
+    lse = torch.empty(batch, q_heads, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, m_tiles = multi_tiles(geo.group, head_dim)
+    if num_splits is None:
+        capacities = [store[6].shape[1] * g.page_size for store, g in zip(stores, geos)]
+        counts = multi_split_counts(capacities, batch * geo.kv_heads * m_tiles, block_n, _target_programs(q.device))
+    else:
+        counts = list(num_splits)
+        if len(counts) != len(stores) or min(counts) < 1:
+            raise ValueError(f"num_splits needs one count >= 1 per store; got {num_splits} for {len(stores)} stores")
+    total = sum(counts)
+    if total == 1:  # one store, one split: the program writes the final result itself
+        part_out, part_lse = out, lse
+        out_strides = (*out.stride()[:2], 0, 0, out.stride(2))
+        lse_strides = (*lse.stride(), 0, 0)
+    else:
+        part_out = torch.empty(batch, q_heads, total, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, q_heads, total, dtype=torch.float32, device=q.device)
+        out_strides = (*part_out.stride()[:2], 0, *part_out.stride()[2:])
+        lse_strides = (*part_lse.stride()[:2], 0, part_lse.stride(2))
+    mode = dequant_mode(dequant)
+    # All positional, in the order of launch_arg_names(): binding ~50 constexprs by keyword costs more host time than
+    # the rest of the launch.
+    args = [q, part_out, part_lse, q.stride(0), q.stride(1), 0, q.stride(2), *out_strides, *lse_strides,
+            geo.kv_heads, geo.group, 1, sm_scale * LOG2E]  # fmt: skip
+    slot_constexprs = []
+    split_end = 0
+    for store, g, count in zip(stores, geos, counts):
+        split_end += count
+        runtime, constexprs = _slot_args(store, g, q, mode, split_end)
+        args += runtime
+        slot_constexprs += constexprs
+    for _ in range(MAX_STORES - len(stores)):  # unused slots are never compiled: ints bind fastest
+        args += [0] * len(_SLOT_RUNTIME)
+        slot_constexprs += constexprs
+    args += [len(stores), head_dim // 2, block_m, block_n, *slot_constexprs]
+    _multi_split_attention_kernel[(batch * geo.kv_heads, m_tiles, total)](
+        *args, num_warps=4 if block_m * head_dim <= 64 * 128 else 8, num_stages=2
+    )
+    if total > 1:
+        _combine_splits_kernel[(batch * q_heads,)](
+            part_out, part_lse, out, lse, total,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(total), num_warps=4,
+        )  # fmt: skip
+    return out, lse

@@ -1,0 +1,250 @@
+"""decode_attention_multi: one query per row over several stores in one split-K launch + one combine launch.
+
+The torch twin equals (a) per-store decode_attention_reference merged pairwise with merge_attention_states and (b)
+plain float64 attention over the concatenation of every store's dense tokens; the Triton kernel (interpreted on CPU)
+equals the twin. Stores mimic a quantized layer: fp16 sinks, an int8-K / int4-V middle, an fp16 window (GQA 4:1,
+ragged rows: row 1 has an empty sink span, row 2 an empty middle), contiguous (block table (B, 1), row b -> page b)
+or paged, plus a paged quantized "shared prefix" as a fourth store. Tolerances as in test_kernels_decode.py.
+"""
+import math
+
+import pytest
+import torch
+from test_kernels_fixtures import DEVICE, make_store
+
+import kvpress.kernels as kernels
+from kvpress.kernels.decode import decode_attention_reference
+from kvpress.kernels.merge import merge_attention_states
+from kvpress.kernels.multi import (
+    MAX_STORES,
+    decode_attention_multi_reference,
+    decode_attention_multi_triton,
+    multi_split_counts,
+)
+
+HEAD_DIM, KV_HEADS, GROUP = 32, 1, 4  # GQA 4:1; head_dim 32 is the smallest the Triton kernels take
+# per store: (kv_start, kv_end) of the 4 rows
+SINK = ([0, 4, 1, 0], [4, 4, 4, 3])  # row 1: empty sink span (all padding)
+MIDDLE = ([0, 0, 0, 6], [37, 70, 0, 51])  # row 2: empty middle
+WINDOW = ([0, 0, 2, 0], [9, 9, 9, 9])
+PREFIX = ([0, 3, 0, 16], [32, 20, 5, 16])  # row 3: empty
+
+
+def _stores(v_group, page_size=None, prefix=False, seed=0):
+    """The fixture's stores (fixture Store objects): sinks, middle, window [, prefix]."""
+    sink = make_store(*SINK, KV_HEADS, HEAD_DIM, dtype=torch.float16, seed=seed)
+    middle = make_store(*MIDDLE, KV_HEADS, HEAD_DIM, 8, 4, HEAD_DIM, v_group or HEAD_DIM, torch.float32, page_size,
+                        seed + 1)  # fmt: skip
+    middle.k_group, middle.v_group = None, v_group  # None: one group per token, passed through to the kernels
+    window = make_store(*WINDOW, KV_HEADS, HEAD_DIM, dtype=torch.float16, seed=seed + 2)
+    stores = [sink, middle, window]
+    if prefix:
+        stores.append(make_store(*PREFIX, KV_HEADS, HEAD_DIM, 8, 4, 16, 16, torch.float32, 16, seed + 3))
+    return stores
+
+
+def _args(stores) -> tuple:
+    return tuple((*s.args(), *s.bits()) for s in stores)
+
+
+def _query(dtype=torch.float32, seed=1):
+    q = torch.randn(len(SINK[0]), KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+    return q.to(dtype).to(DEVICE)
+
+
+def _per_store_then_merge(q, stores, sm_scale):
+    """Independent oracle: one decode_attention_reference per store, merged pairwise."""
+    out, lse = None, None
+    for s in stores:
+        o, l = decode_attention_reference(q, *s.args(), sm_scale, *s.bits())
+        out, lse = (o, l) if out is None else merge_attention_states(out, lse, o, l)
+    return out, lse
+
+
+def _plain_over_concatenation(q, stores, sm_scale):
+    """Float64 softmax attention of each row over the union of its spans in every store (dense tokens)."""
+    batch, q_heads, _ = q.shape
+    out = torch.zeros(batch, q_heads, HEAD_DIM, dtype=torch.float64)
+    lse = torch.full((batch, q_heads), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        keys = torch.cat([s.dense_k[b, :, int(s.kv_start[b]) : int(s.kv_end[b])] for s in stores], dim=1)
+        values = torch.cat([s.dense_v[b, :, int(s.kv_start[b]) : int(s.kv_end[b])] for s in stores], dim=1)
+        keys, values = keys.repeat_interleave(GROUP, 0), values.repeat_interleave(GROUP, 0)  # (Hq, T, D)
+        scores = torch.einsum("hd,htd->ht", q[b].double().cpu(), keys) * sm_scale
+        lse[b] = torch.logsumexp(scores, -1)
+        out[b] = torch.einsum("ht,htd->hd", torch.softmax(scores, -1), values)
+    return out, lse
+
+
+CASES = {  # v_group, page_size of the middle, with a 4th (prefix) store
+    "contiguous-vNone": (None, None, False),
+    "contiguous-v16": (16, None, False),
+    "contiguous-v8": (8, None, False),
+    "paged-v16-prefix": (16, 16, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_equals_per_store_merge_and_plain_attention(case: str) -> None:
+    v_group, page_size, prefix = CASES[case]
+    stores = _stores(v_group, page_size, prefix)
+    q, sm_scale = _query(), HEAD_DIM**-0.5
+    out, lse = decode_attention_multi_reference(q, _args(stores), sm_scale)
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:2]
+    ref_out, ref_lse = _per_store_then_merge(q, stores, sm_scale)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    plain_out, plain_lse = _plain_over_concatenation(q, stores, sm_scale)
+    torch.testing.assert_close(out.cpu().double(), plain_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_equals_reference(case: str) -> None:
+    v_group, page_size, prefix = CASES[case]
+    stores = _stores(v_group, page_size, prefix, seed=5)
+    q, sm_scale = _query(seed=6), HEAD_DIM**-0.5
+    out, lse = decode_attention_multi_triton(q, _args(stores), sm_scale)
+    ref_out, ref_lse = decode_attention_multi_reference(q, _args(stores), sm_scale)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [(1, 1, 1), (2, 5, 3)])  # (2, 5, 3): empty splits, ragged shares
+def test_split_counts_do_not_change_the_result(num_splits) -> None:
+    stores = _stores(16, seed=9)
+    q, sm_scale = _query(seed=10), 0.3
+    out, lse = decode_attention_multi_triton(q, _args(stores), sm_scale, num_splits=num_splits)
+    ref_out, ref_lse = _per_store_then_merge(q, stores, sm_scale)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_half_queries_and_half_output() -> None:
+    stores = _stores(8, seed=11)
+    q = _query(torch.float16, seed=12)
+    out, lse = decode_attention_multi_triton(q, _args(stores), 0.2, out_dtype=torch.float16)
+    ref_out, ref_lse = decode_attention_multi_reference(q, _args(stores), 0.2)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
+
+
+def test_int_bounds_and_unclamped_starts() -> None:
+    """Ints stand for the same bound in every row; starts are clamped into [0, end] (the layer passes
+    kv_start - offset as is): the result equals the same stores with explicit clamped (B,) bounds."""
+    sink, middle, window = _stores(16, seed=13)
+    q = _query(seed=14)
+    layer_start = torch.tensor([0, 9, 2, 70], dtype=torch.int32, device=DEVICE)  # in the middle's coordinates + 4
+    stores = (
+        (*sink.args()[:7], 0, 4, *sink.bits()),
+        (*middle.args()[:7], layer_start - 4, 60, *middle.bits()),  # -4 -> 0, 66 -> 60 (empty)
+        (*window.args()[:7], 3, 9, *window.bits()),
+    )
+    for s, start, end in ((sink, [0] * 4, 4), (middle, [0, 5, 0, 60], 60), (window, [3] * 4, 9)):
+        s.kv_start = torch.tensor(start, dtype=torch.int32, device=DEVICE)
+        s.kv_end = torch.full((4,), end, dtype=torch.int32, device=DEVICE)
+    explicit = [sink, middle, window]
+    ref_out, ref_lse = _per_store_then_merge(q, explicit, 0.25)
+    for impl in (decode_attention_multi_reference, decode_attention_multi_triton):
+        out, lse = impl(q, stores, 0.25)
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_empty_in_every_store_give_zero_and_minus_inf() -> None:
+    sink = make_store([0, 2], [2, 2], KV_HEADS, HEAD_DIM, dtype=torch.float16)
+    middle = make_store([0, 0], [20, 0], KV_HEADS, HEAD_DIM, 8, 4, 16, 16, seed=1)
+    q = torch.randn(2, GROUP, HEAD_DIM, device=DEVICE)
+    for impl in (decode_attention_multi_reference, decode_attention_multi_triton):
+        out, lse = impl(q, _args([sink, middle]), 0.2)
+        assert bool((out[1] == 0).all()) and bool((lse[1] == -math.inf).all())
+        assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(lse[0]).all())
+
+
+def test_split_counts_follow_capacity() -> None:
+    assert multi_split_counts([4, 4096, 144], 4, 64, 1056) == [1, 16, 1]  # at most one split per 4 * block_n
+    assert multi_split_counts([4, 100_000, 144], 1, 64, 1056) == [1, 62, 1]  # total capped at 64
+    assert multi_split_counts([4, 4096, 144], 64, 64, 8) == [1, 1, 1]  # enough programs already: one each
+
+
+def test_dispatch_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    stores = _stores(16, seed=15)
+    q = _query(seed=16)
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("KVPRESS_KERNELS", backend)
+        calls = []
+        name = f"decode_attention_multi_{backend}"
+        real = getattr(kernels.dispatch, name)
+        monkeypatch.setattr(kernels.dispatch, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+        kernels.decode_attention_multi(q, _args(stores[:1]), 0.2)
+        assert calls == [1]
+    with pytest.raises(ValueError, match="1 to 4 stores"):
+        decode_attention_multi_reference(q, _args(stores) * 2, 0.2)
+    assert MAX_STORES == 4
+    with pytest.raises(ValueError, match="got 9 items"):
+        decode_attention_multi_reference(q, (stores[0].args(),), 0.2)
+    with pytest.raises(ValueError, match="int >= 0"):
+        decode_attention_multi_reference(q, ((*stores[0].args()[:7], -1, 4, *stores[0].bits()),), 0.2)
+    with pytest.raises(ValueError, match="decode q"):
+        decode_attention_multi_reference(q[:, :, None], _args(stores), 0.2)
+    with pytest.raises(ValueError, match="one count >= 1 per store"):
+        decode_attention_multi_triton(q, _args(stores), 0.2, num_splits=(1, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the model: the decode step of a quantized layer makes one decode_attention_multi call and generates what the
+# per-segment path (KVPRESS_DECODE=segments) generates, H2O mass included.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _generate(monkeypatch: pytest.MonkeyPatch, mode: str, press, calls: list | None = None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import kvpress
+    import kvpress.attention
+    from tiny_models import COMMON, left_padded_batch
+
+    monkeypatch.setenv("KVPRESS_DECODE", mode)
+    monkeypatch.setenv("KVPRESS_KERNELS", "reference")
+    if calls is not None:
+        real = kvpress.attention.decode_attention_multi
+        monkeypatch.setattr(kvpress.attention, "decode_attention_multi",
+                            lambda q, stores, *a, **k: calls.append(len(stores)) or real(q, stores, *a, **k))
+    torch.manual_seed(0)
+    model = kvpress.wrap(AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval())
+    ids, mask = left_padded_batch(batch=2, length=24, pads=(0, 5))
+    cache = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2", press=press)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20,
+                              do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                              return_dict_in_generate=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("press", [None, "h2o:0.0:max_tokens=24,recent=4"])
+def test_fused_decode_generates_what_the_per_segment_decode_does(monkeypatch: pytest.MonkeyPatch, press) -> None:
+    calls: list[int] = []
+    fused = _generate(monkeypatch, "fused", press, calls)
+    per_segment = _generate(monkeypatch, "segments", press)
+    assert torch.equal(fused.sequences, per_segment.sequences)
+    for a, b in zip(fused.logits, per_segment.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 19 * 2 and set(calls) == {3}  # one call per decode step and layer, over 3 segments
+
+
+def test_decode_mode_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvpress.attention import DECODE_ENV, decode_mode
+
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    assert decode_mode() == "fused"
+    monkeypatch.setenv(DECODE_ENV, " Segments ")
+    assert decode_mode() == "segments"
+    monkeypatch.setenv(DECODE_ENV, "fast")
+    with pytest.raises(ValueError, match=DECODE_ENV):
+        decode_mode()
+
+
+def test_launch_passes_the_kernel_parameters_in_signature_order() -> None:
+    from kvpress.kernels.multi import _multi_split_attention_kernel, launch_arg_names
+
+    assert list(_multi_split_attention_kernel.arg_names) == launch_arg_names()
