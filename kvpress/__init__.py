@@ -11,7 +11,7 @@ from .named_caches import H2OCache, QuantizedKVCache, SnapKVCache
 from .default_model import load_default_model, load_model
 from .paged.prefix_cache import PrefixCache
 from .paged_cache import PagedKVCache
-from .prefix import generate_many
+from .batching import generate_many
 from .pipeline import KVPressTextGenerationPipeline, register_pipeline as _register_pipeline
 from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress
 from .quant import QuantSpec

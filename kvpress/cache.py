@@ -6,28 +6,16 @@ cache. Presses (which tokens to keep), codecs (how tokens are encoded) and store
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .compress import compress, observe_chunk
+from .deferred import DeferredEncoding, full_prompt
 from .segments import FLUSH_BLOCK, SegmentedKV
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-
-
-@dataclass
-class DeferredEncoding:
-    """Press and quantization a layer applies once the prompt's last token has been attended in full precision;
-    `window_queries` are the prompt queries the press observed before that token (SnapKV), or None."""
-
-    press: Any
-    quant: Any
-    window_queries: torch.Tensor | None = None
-    shared: Any = None  # SharedPrefix of quantized codes standing in for stored slots shared_slots[0]:shared_slots[1]
-    shared_slots: tuple[int, int] = (0, 0)
 
 
 class KVPressLayer(CacheLayerMixin):
@@ -183,7 +171,7 @@ class KVPressLayer(CacheLayerMixin):
         layer's private tokens) as one left-padded prefill chunk under the deferred press/quant: same segments,
         padding and observations as if the whole prompt had been prefilled at once."""
         deferred, self.deferred = self.deferred, None
-        k, v, valid = _full_prompt(self.prefix, self.kv.main.store, self.kv_start)
+        k, v, valid = full_prompt(self.prefix, self.kv.main.store, self.kv_start)
         self.prefix = None
         lo, hi = deferred.shared_slots
         if hi > lo:  # these quantized-middle slots are read from the shared pages instead of being stored
@@ -234,29 +222,6 @@ class KVPressLayer(CacheLayerMixin):
         extra = [t for t in (self.kv_start, self.n_pad, self.mass, self.window_queries) if t is not None]
         shared = self.prefix.tensors() if self.prefix is not None else []
         return self.kv.tensors() + extra + shared
-
-
-def _full_prompt(prefix, store, kv_start: torch.Tensor | None):
-    """(k, v, valid) of every row's whole prompt in full precision, left-padded: its shared prefix tokens
-    [0, prefix.ends[b]) gathered from the pages, then its private tokens [kv_start[b], store.length)."""
-    private_k, private_v = store.view("k"), store.view("v")
-    batch, heads, n_private, _ = private_k.shape
-    starts = kv_start.tolist() if kv_start is not None else [0] * batch
-    ends = prefix.ends.tolist() if prefix is not None else [0] * batch
-    rows = []
-    for b in range(batch):
-        row = {"k": private_k[b, :, starts[b]:], "v": private_v[b, :, starts[b]:]}
-        if ends[b]:
-            pages = prefix.block_table[b, : -(-ends[b] // prefix.fields["k"].shape[2])].long()
-            shared = {name: prefix.fields[name][pages].transpose(0, 1).flatten(1, 2)[:, : ends[b]] for name in row}
-            row = {name: torch.cat([shared[name].to(row[name].dtype), row[name]], dim=1) for name in row}
-        rows.append(row)
-    width = max(r["k"].shape[1] for r in rows)
-    k, v = (torch.stack([torch.nn.functional.pad(r[name], (0, 0, width - r[name].shape[1], 0)) for r in rows])
-            for name in ("k", "v"))
-    lengths = torch.tensor([r["k"].shape[1] for r in rows], device=k.device)
-    valid = torch.arange(width, device=k.device)[None, :] >= (width - lengths)[:, None]
-    return k, v, valid
 
 
 class KVPressCache(Cache):

@@ -18,8 +18,9 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .cache import DeferredEncoding, KVPressCache, KVPressLayer
+from .cache import KVPressCache, KVPressLayer
 from .config import KVConfig
+from .deferred import DeferredEncoding
 from .paged.prefix_cache import PrefixCache, PrefixHit
 from .paged_cache import PagedKVCache, same_codes, shared_codes_spec
 from .quant.codec import quantize
@@ -279,36 +280,3 @@ def _insert(prefix_cache, ns, cache, hits, sequences, lengths, pads) -> None:
                 per_field[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             layers.append(_with_codes(prefix_cache, per_field))
         prefix_cache.store(ns, tokens, layers)
-
-
-def generate_many(model, prompts: list, tokenizer=None, batch_size: int = 8, **generate_kwargs) -> list:
-    """Generate for many prompts, batched in depth-first order of their shared prefixes (lexicographic order of the
-    token ids: prompts sharing the longest prefixes run next to each other, so later batches hit the prefix cache).
-    Returns the new tokens per prompt (decoded strings when a tokenizer is given) in the caller's order."""
-    if not prompts:
-        return []
-    if tokenizer is not None and isinstance(prompts[0], str):
-        token_lists = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
-    else:
-        token_lists = [list(p) for p in prompts]
-    pad_id = generate_kwargs.pop("pad_token_id", None)
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(token_lists)), key=lambda i: token_lists[i])
-    results: list = [None] * len(token_lists)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(token_lists[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            n = len(token_lists[i])
-            ids[row, width - n :] = torch.tensor(token_lists[i])
-            mask[row, width - n :] = 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             pad_token_id=pad_id, **generate_kwargs)
-        out = out.sequences if hasattr(out, "sequences") else out
-        for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            results[i] = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else new
-    return results
