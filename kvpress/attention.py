@@ -208,7 +208,7 @@ def _stored_mask(layer, chunk_mask: torch.Tensor | None, n_past: int, q_len: int
     sliding_cuts = window is not None and n_past + q_len > window
     if layer.kv_start is None and not sliding_cuts and q_len == 1:
         return None
-    device = layer.keys.device
+    device = layer.device
     cols = torch.arange(n_past, device=device)
     rows = torch.arange(q_len, device=device)
     past = torch.ones(1, 1, q_len, n_past, dtype=torch.bool, device=device)

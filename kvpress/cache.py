@@ -143,7 +143,8 @@ class KVPressLayer(CacheLayerMixin):
         """Store a new chunk and advance the logical length; track left padding per row."""
         if chunk_valid is not None:
             self._track_padding(chunk_valid, self.kv.length)
-        self.kv.append(key, value)
+        max_pad = int(self.n_pad.max()) if self.n_pad is not None and self.kv.quant is not None else 0
+        self.kv.append(key, value, max_pad)
         if self.mass is not None:
             self.mass = torch.nn.functional.pad(self.mass, (0, key.shape[2]))
         self.logical_length += key.shape[2]

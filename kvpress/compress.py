@@ -35,7 +35,7 @@ def compress(layer, scaling: float) -> None:
     valid = layer.valid_mask()
     scores = press.score(k_all, v_all, queries, layer.mass, scaling, valid)
     idx, fillers = _select_with_fillers(press, scores, valid, budgets, n_keep)
-    kv.keep(idx, k_all, v_all)
+    kv.keep(idx, k_all, v_all, n_masked=int(fillers.max()))
     if layer.mass is not None:
         layer.mass = torch.gather(layer.mass, 2, idx.to(layer.mass.device))
     layer.set_kv_start(fillers)
@@ -81,9 +81,12 @@ def evict_before_decode(layer) -> None:
     window_len = kv.window.length if kv.window is not None else 0
     mass_main = layer.mass[:, :, offset : offset + n_main]
     valid_main = layer.valid_mask()[:, offset : offset + n_main]
-    victims = decode_victims(
-        mass_main, n_evict, max(0, press.n_sink - offset), max(0, press.recent - window_len), valid_main
-    )
+    protected_sink, protected_recent = max(0, press.n_sink - offset), max(0, press.recent - window_len)
+    # a left-padded quantized batch widens the fp sinks by its padding: the bound then exceeds max_tokens by it
+    n_evict = min(n_evict, n_main - protected_sink - protected_recent)
+    if n_evict <= 0:
+        return
+    victims = decode_victims(mass_main, n_evict, protected_sink, protected_recent, valid_main)
     keep = _complement(victims, n_main)
     kv.evict_main(keep)
     layer.mass = torch.cat(

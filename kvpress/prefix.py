@@ -180,9 +180,9 @@ def _block_tables(hits: list[PrefixHit], device) -> torch.Tensor:
 def _shared_code_slots(quant, hits, pads, width) -> tuple[int, int]:
     """Stored slots [lo, hi) of the quantized middle that every row can read from the shared pages' codes.
 
-    A left-padded prefill of `width` tokens stores slots [n_sink, width - residual) quantized; row b's slot j holds
+    A left-padded prefill of `width` tokens stores slots [n_sink + max pad, width - residual) quantized; row b's slot j holds
     its token j - pads[b], matched (and shared) when j < pads[b] + n_tokens. Empty (lo == hi) when nothing fits."""
-    lo = quant.n_sink
+    lo = quant.n_sink + max(pads)  # the fp sink slots of a left-padded batch (SegmentedKV.n_sink)
     hi = min([max(lo, pad + hit.n_tokens) for hit, pad in zip(hits, pads)] + [width - quant.residual])
     return lo, max(lo, hi)
 

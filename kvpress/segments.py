@@ -145,6 +145,9 @@ class SegmentedKV:
             self.sink = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.n_sink)
             self.main = Segment(quant.k_bits, quant.v_bits, quant.k_group_size, quant.group_size)
             self.window = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.residual + FLUSH_BLOCK)
+        # fp sink slots: n_sink plus the batch's largest left padding (or leading filler slots after a press), so
+        # that every row's first n_sink real tokens stay full precision, as in its batch-1 run
+        self.n_sink = quant.n_sink if quant is not None else 0
 
     @property
     def segments(self) -> list[Segment]:
@@ -165,12 +168,17 @@ class SegmentedKV:
             offset += seg.length
         return out
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens at the logical end: sinks first, the newest `residual` in the fp window, rest quantized."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, max_pad: int = 0) -> None:
+        """Store new tokens at the logical end: sinks first, the newest `residual` in the fp window, rest quantized.
+
+        `max_pad`: the largest number of leading padding slots of any row so far; while only sinks are stored, the
+        sink segment grows to n_sink + max_pad slots so that padded rows keep their own first tokens in fp."""
         if self.quant is None:
             self.main.store.append({"k": k, "v": v})
             return
-        n_sink = max(0, min(self.quant.n_sink - self.sink.length, k.shape[2]))
+        if not self.main.length and not self.window.length:
+            self._set_sink_slots(self.quant.n_sink + max_pad)
+        n_sink = max(0, min(self.n_sink - self.sink.length, k.shape[2]))
         if n_sink:
             self.sink.append(k[:, :, :n_sink], v[:, :, :n_sink])
             k, v = k[:, :, n_sink:], v[:, :, n_sink:]
@@ -206,8 +214,14 @@ class SegmentedKV:
                 vs.append(v.to(dtype))
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
-    def keep(self, idx: torch.Tensor, k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None) -> None:
-        """Keep tokens idx (B, H, K) of the logical order; re-split into sink / quantized / window segments.
+    def _set_sink_slots(self, n: int) -> None:
+        self.n_sink = n
+        self.sink.store.max_tokens = n
+
+    def keep(self, idx: torch.Tensor, k_all: torch.Tensor | None = None, v_all: torch.Tensor | None = None,
+             n_masked: int = 0) -> None:
+        """Keep tokens idx (B, H, K) of the logical order; re-split into sink / quantized / window segments
+        (`n_masked`: the largest number of leading masked filler slots of a row; they widen the fp sinks).
 
         Tokens that stay quantized keep their codes (never re-quantized); fp tokens entering the middle are encoded.
         """
@@ -215,7 +229,8 @@ class SegmentedKV:
             self.main.store.keep(idx)
             return
         n_keep = idx.shape[2]
-        n_sink = min(self.quant.n_sink, n_keep)
+        self._set_sink_slots(self.quant.n_sink + n_masked)
+        n_sink = min(self.n_sink, n_keep)
         n_window = min(self.quant.residual, n_keep - n_sink)
         n_main = n_keep - n_sink - n_window
         if n_main:

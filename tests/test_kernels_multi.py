@@ -229,7 +229,9 @@ def test_fused_decode_generates_what_the_per_segment_decode_does(monkeypatch: py
     assert torch.equal(fused.sequences, per_segment.sequences)
     for a, b in zip(fused.logits, per_segment.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert len(calls) == 19 * 2 and set(calls) == {3}  # one call per decode step and layer, over 3 segments
+    # one call per decode step and layer, over the 3 segments (H2O's bound may empty the quantized middle: the
+    # padded batch's fp sinks are widened by its padding)
+    assert len(calls) == 19 * 2 and 3 in calls and set(calls) <= ({3} if press is None else {2, 3})
 
 
 def test_decode_mode_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

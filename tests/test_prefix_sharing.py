@@ -30,15 +30,17 @@ def test_outputs_equal_without_prefix_cache_over_interleaved_calls(compression, 
     model = tiny_model("qwen2")
     prompts = _prompts()
     kvpress.wrap(model, **compression)
-    reference = [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+    # same batches without the prefix cache (a quantized left-padded batch widens its fp sinks by its padding, so
+    # batched rows are compared with the same batching)
+    reference = {size: kvpress.generate_many(model, prompts, batch_size=size, **GEN) for size in (1, 3)}
     if compression:  # the comparison can tell: compression changes some outputs of this model
         kvpress.wrap(model)
-        assert reference != [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+        assert reference[1] != kvpress.generate_many(model, prompts, **GEN)
     cache = kvpress.PrefixCache(max_tokens=2048, quant=pool_quant)
     kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     for round_ in range(2):  # second round: everything hits
         for batch_size in (1, 3):
-            assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
+            assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference[batch_size]
         cache.check_invariants()
     stats = cache.stats()
     assert stats["matched_tokens"] > 0.5 * stats["queried_tokens"]
@@ -160,11 +162,11 @@ def test_short_and_fully_cached_prompts_with_compression(compression, pool_quant
     doc = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [[5], doc[:2], doc[:17], doc, doc + [7], doc + [9, 11]]  # 1-token prompt, empty rows, full hits
     kvpress.wrap(model, **compression)
-    reference = [kvpress.generate_many(model, [p], **GEN)[0] for p in prompts]
+    reference = {size: kvpress.generate_many(model, prompts, batch_size=size, **GEN) for size in (1, 6, 3)}
     cache = kvpress.PrefixCache(max_tokens=1024, quant=pool_quant)
     kvpress.wrap(model, paged=True, prefix_cache=cache, **compression)
     for batch_size in (1, 6, 3):
-        assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference
+        assert kvpress.generate_many(model, prompts, batch_size=batch_size, **GEN) == reference[batch_size]
     cache.check_invariants()
 
 

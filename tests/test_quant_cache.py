@@ -77,3 +77,23 @@ def test_press_and_quant_combine():
         sizes[name] = cache.stats()["nbytes"]
     assert sizes["both"] < sizes["quant"] < sizes["full"]
     assert sizes["both"] < sizes["press"] < sizes["full"]
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_left_padded_rows_keep_their_first_tokens_in_full_precision(chunk):
+    """The fp sinks of a left-padded batch are widened by its padding (also when padding spans several prefill
+    chunks): every row's first n_sink real tokens are stored exactly as in its batch-1 run, never quantized."""
+    model = kvpress.wrap(tiny_model("llama"))
+    ids, mask = left_padded_batch(batch=2, length=20, pads=(0, 6))
+    batched = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2")
+    single = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2")
+    with torch.no_grad():
+        for lo in range(0, 20, chunk or 20):
+            hi = lo + (chunk or 20)
+            model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=batched,
+                  position_ids=(mask[:, :hi].cumsum(-1) - 1).clamp(min=0)[:, lo:hi])
+        model(input_ids=ids[1:, 6:], past_key_values=single)
+    for layer_b, layer_s in zip(batched.layers, single.layers):
+        assert layer_b.kv.sink.length == 2 + 6 and layer_s.kv.sink.length == 2
+        for name in ("k", "v"):
+            assert torch.equal(layer_b.kv.sink.store.view(name)[1, :, 6:], layer_s.kv.sink.store.view(name)[0])
