@@ -209,6 +209,9 @@ def _stored_mask(layer, chunk_mask: torch.Tensor | None, n_past: int, q_len: int
     if layer.kv_start is None and not sliding_cuts and q_len == 1:
         return None
     device = layer.device
+    if q_len == 1 and window is None:  # decode with left padding: the new token is real and sees itself (2 ops)
+        cols = torch.arange(n_past + 1, device=device)
+        return (cols[None, :] >= layer.kv_start.to(device)[:, None])[:, None, None, :]
     cols = torch.arange(n_past, device=device)
     rows = torch.arange(q_len, device=device)
     past = torch.ones(1, 1, q_len, n_past, dtype=torch.bool, device=device)
