@@ -12,40 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-HARNESS_UNAVAILABLE = 3
+from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 
 
 def _compile_for_sm90() -> None:
-    """Compile the one-store and multi-store decode kernels for a few store mixes (run as a script)."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.runtime import driver
-        from triton.runtime.jit import JITFunction
+    """Compile the one-store and multi-store decode kernels for a few store mixes and every addressing mode
+    (contiguous, 16-token pages, 12-token pages) (run as a script)."""
+    from kvpress.kernels.compile_only import install_compile_only
 
-        class StandInDriver:  # what JITFunction.run asks the active driver for
-            def get_current_target(self):
-                return GPUTarget("cuda", 90, 32)
-
-            def get_current_device(self):
-                return 0
-
-            def get_current_stream(self, device=None):
-                return 0
-
-        driver.set_active(StandInDriver())
-        real_run = JITFunction.run
-        compiled = []
-
-        def compile_only(self, *args, grid, warmup, **kwargs):
-            kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-            compiled.append((self.fn.__name__, len(kernel.asm["cubin"])))
-            return kernel
-
-        JITFunction.run = compile_only
-    except Exception as err:  # noqa: BLE001 - any harness failure means "cannot check here"
-        print(f"harness unavailable: {err!r}")
-        sys.exit(HARNESS_UNAVAILABLE)
-
+    compiled = install_compile_only(90)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_kernels_fixtures import make_store
 
@@ -63,6 +38,10 @@ def _compile_for_sm90() -> None:
         q = torch.randn(2, 8, head_dim).to(dtype)
         decode_attention_multi_triton(q, tuple(stores[: 3 if bounds_as_ints else 4]), 0.1, out_dtype=dtype)
         decode_attention_triton(q, *middle.args(), 0.1, *middle.bits())
+        if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
+            paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
+            decode_attention_triton(q, *paged12.args(), 0.1, *paged12.bits())
+    compiled = [(name, len(kernel.asm["cubin"])) for name, kernel in compiled]
     names = {name for name, size in compiled if size > 0}
     assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_split_attention_kernel"} <= names, compiled
     print("compiled", compiled)

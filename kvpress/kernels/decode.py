@@ -3,7 +3,9 @@ both decode (one query per row) and extend (a chunk of queries) run on (argument
 store_access.py).
 
 Layout and dequantization follow docs/STORAGE_LAYOUT.md. Work is done in two halves of the head dim so
-that split-halves packed 4-bit fields dequantize in registers without any interleaving.
+that split-halves packed 4-bit fields dequantize in registers without any interleaving. How tokens are addressed
+(one page per row / power-of-two pages / any page size) is a compile-time choice per store, made from shapes only
+(store_access.store_addressing).
 
 Two ways to apply a quantized field's affine x = code * scale + zero (KVPRESS_DEQUANT, read at every call):
 "registers" (default) dequantizes every (BLOCK_N, D) tile element before the dots; "factored" feeds the raw
@@ -23,8 +25,8 @@ from kvpress.kernels.factored import (
     dequant_mode,
     factored_fields,
 )
-from kvpress.kernels.store_access import check_store_args, gather_dequantized, token_span
-from kvpress.kernels.tile_loads import load_token_halves, token_pages
+from kvpress.kernels.store_access import check_store_args, gather_dequantized, store_addressing, token_span
+from kvpress.kernels.tile_loads import load_token_halves, row_page, token_pages, token_rows
 from kvpress.kernels.triton_compat import require_triton, tl, triton
 
 
@@ -138,11 +140,14 @@ def attend_split(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
-    FACTOR_K: tl.constexpr, FACTOR_V: tl.constexpr,
+    FACTOR_K: tl.constexpr, FACTOR_V: tl.constexpr, CONTIGUOUS: tl.constexpr, PAGE_SHIFT: tl.constexpr,
 ):  # fmt: skip
     """The body of one split-K program, shared by the one-store and the multi-store (kernels/multi.py) kernels:
     BLOCK_M query rows (tile pid_m of kv head `kv_head` of row b) over split `split` of `num_splits` of the row's
-    tokens [start, end) (start <= end); the partial goes to split column `out_split` of out / lse."""
+    tokens [start, end) (start <= end); the partial goes to split column `out_split` of out / lse.
+
+    Addressing (CONTIGUOUS, PAGE_SHIFT: tile_loads.token_pages) is specialised at compile time; the per-row and
+    per-head parts of every field's address are computed once, before the tile loop."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < group * num_queries
     heads = kv_head * group + rows // num_queries
@@ -174,21 +179,31 @@ def attend_split(
         zacc_low = tl.zeros([BLOCK_M], tl.float32)  # value zeros times probabilities (factored V only)
         zacc_high = tl.zeros([BLOCK_M], tl.float32)
     table_row = b.to(tl.int64) * stride_tb
+    page0 = row_page(table_ptr, table_row, CONTIGUOUS)  # the row's one page, or 0
+    head = kv_head.to(tl.int64)
+    k_base = k_ptr + (page0 * stride_kp + head * stride_kh)
+    ks_offset = page0 * stride_ksp + head * stride_ksh  # scale and zero share their strides
+    ks_base = ks_ptr + ks_offset
+    kz_base = kz_ptr + ks_offset
+    v_base = v_ptr + (page0 * stride_vp + head * stride_vh)
+    vs_offset = page0 * stride_vsp + head * stride_vsh
+    vs_base = vs_ptr + vs_offset
+    vz_base = vz_ptr + vs_offset
     for n0 in range(lo, hi, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         token_mask = tokens < hi
-        page, slot = token_pages(table_ptr, table_row, tokens, token_mask, page_size)
-        k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
-        ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
+        page, slot = token_pages(table_ptr, table_row, tokens, token_mask, page_size, CONTIGUOUS, PAGE_SHIFT)
+        k_rows = token_rows(page, slot, stride_kp, stride_ks, CONTIGUOUS)
+        ks_rows = token_rows(page, slot, stride_ksp, stride_kss, CONTIGUOUS, not FACTOR_K)
         if FACTOR_K:
             scores = factored_key_scores(
-                q_low, q_high, qsum_low, qsum_high, k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg,
+                q_low, q_high, qsum_low, qsum_high, k_base, ks_base, kz_base, k_rows, ks_rows, stride_kx, stride_ksg,
                 token_mask, qk_scale, HALF, K_BITS, K_GROUP, DOT_DTYPE, PRECISION, FP16_CODES,
             )
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
         else:
             k_low, k_high = load_token_halves(
-                k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
+                k_base, ks_base, kz_base, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
                 HALF, K_BITS, K_GROUP, DOT_DTYPE, FP16_CODES,
             )
             scores = tl.dot(q_low, tl.trans(k_low), input_precision=PRECISION)
@@ -199,17 +214,17 @@ def attend_split(
         alpha = tl.exp2(m_i - m_safe)
         probs = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(probs, 1)
-        v_rows = page * stride_vp + kv_head * stride_vh + slot * stride_vs
-        vs_rows = page * stride_vsp + kv_head * stride_vsh + slot * stride_vss
+        v_rows = token_rows(page, slot, stride_vp, stride_vs, CONTIGUOUS)
+        vs_rows = token_rows(page, slot, stride_vsp, stride_vss, CONTIGUOUS, not FACTOR_V)
         if FACTOR_V:
             acc_low, acc_high, zacc_low, zacc_high = factored_value_update(
                 acc_low, acc_high, zacc_low, zacc_high, probs, alpha,
-                v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
+                v_base, vs_base, vz_base, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
                 HALF, V_BITS, V_GROUP, DOT_DTYPE, PRECISION, FP16_CODES,
             )
         else:
             v_low, v_high = load_token_halves(
-                v_ptr, vs_ptr, vz_ptr, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
+                v_base, vs_base, vz_base, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
                 HALF, V_BITS, V_GROUP, DOT_DTYPE, FP16_CODES,
             )
             probs = probs.to(DOT_DTYPE)
@@ -246,12 +261,15 @@ def _split_attention_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
     FACTOR_K: tl.constexpr = False, FACTOR_V: tl.constexpr = False,
+    CONTIGUOUS: tl.constexpr = False, PAGE_SHIFT: tl.constexpr = -1,
 ):  # fmt: skip
     """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
 
     Writes the split's normalised partial output and its natural-log lse (out 0 / lse -inf when empty).
     FACTOR_K / FACTOR_V: apply that field's affine to the scores / probabilities instead of to its tile
     (factored dequantization, see factored_fields); both False is the register-dequantization kernel.
+    CONTIGUOUS / PAGE_SHIFT: the store's addressing (store_access.store_addressing; the defaults are the general
+    paged path, right for any store).
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -273,6 +291,7 @@ def _split_attention_kernel(
         b, kv_head, pid_m, start, end, split, num_splits, split,
         group, num_queries, page_size, qk_scale,
         HALF, BLOCK_M, BLOCK_N, K_BITS, V_BITS, K_GROUP, V_GROUP, DOT_DTYPE, PRECISION, FP16_CODES, FACTOR_K, FACTOR_V,
+        CONTIGUOUS, PAGE_SHIFT,
     )  # fmt: skip
 
 
@@ -403,6 +422,7 @@ def store_attention_triton(
     vz, _ = scale_pointer_args(v_zero, v)
     dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits), (v, v_bits)])
     factor_k, factor_v = factored_fields(dequant_mode(dequant), head_dim, k_bits, v_bits, geo.k_group, geo.v_group)
+    contiguous, page_shift = store_addressing(block_table, geo.page_size)
     grid = (batch * geo.kv_heads, m_tiles, num_splits)
     _split_attention_kernel[grid](
         q, k, v, ks, kz, vs, vz, block_table, kv_start, kv_end, part_out, part_lse,
@@ -412,6 +432,7 @@ def store_attention_triton(
         HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n,
         K_BITS=k_bits, V_BITS=v_bits, K_GROUP=geo.k_group, V_GROUP=geo.v_group,
         DOT_DTYPE=dot_dtype, PRECISION=precision, FP16_CODES=fp16_codes, FACTOR_K=factor_k, FACTOR_V=factor_v,
+        CONTIGUOUS=contiguous, PAGE_SHIFT=page_shift,
         num_warps=num_warps or (4 if block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages or 2,
     )  # fmt: skip
     if num_splits > 1:

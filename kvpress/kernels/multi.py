@@ -30,7 +30,7 @@ from kvpress.kernels.decode import (
     dot_operand_type,
 )
 from kvpress.kernels.factored import dequant_mode, factored_fields
-from kvpress.kernels.store_access import check_store_args
+from kvpress.kernels.store_access import check_store_args, store_addressing
 from kvpress.kernels.triton_compat import require_triton, tl, triton
 
 MAX_STORES = 4  # sinks, quantized middle, window, shared prefix
@@ -133,7 +133,7 @@ def _attend_store(
     svp, svh, svs, svx, svsp, svsh, svss, svsg, stb, page,
     KB: tl.constexpr, VB: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, DT: tl.constexpr,
     PR: tl.constexpr, F16: tl.constexpr, FK: tl.constexpr, FV: tl.constexpr, SR: tl.constexpr, ER: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CT: tl.constexpr, PS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Split `split` of the grid, which is local split `split - first_split` of this store's `split_end -
     first_split`: the row's bounds (start clamped into [0, end]), then the shared split-K body."""
@@ -149,7 +149,7 @@ def _attend_store(
         stride_lb, stride_lh, stride_lq, stride_lsplit,
         b, kv_head, pid_m, lo, hi, split - first_split, split_end - first_split, split,
         group, num_queries, page, qk_scale,
-        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV,
+        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV, CT, PS,
     )  # fmt: skip
 
 
@@ -178,17 +178,22 @@ def _multi_split_attention_kernel(
     NUM_STORES: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KB0: tl.constexpr, VB0: tl.constexpr, KG0: tl.constexpr, VG0: tl.constexpr, DT0: tl.constexpr,
     PR0: tl.constexpr, F160: tl.constexpr, FK0: tl.constexpr, FV0: tl.constexpr, SR0: tl.constexpr, ER0: tl.constexpr,
+    CT0: tl.constexpr, PS0: tl.constexpr,
     KB1: tl.constexpr, VB1: tl.constexpr, KG1: tl.constexpr, VG1: tl.constexpr, DT1: tl.constexpr,
     PR1: tl.constexpr, F161: tl.constexpr, FK1: tl.constexpr, FV1: tl.constexpr, SR1: tl.constexpr, ER1: tl.constexpr,
+    CT1: tl.constexpr, PS1: tl.constexpr,
     KB2: tl.constexpr, VB2: tl.constexpr, KG2: tl.constexpr, VG2: tl.constexpr, DT2: tl.constexpr,
     PR2: tl.constexpr, F162: tl.constexpr, FK2: tl.constexpr, FV2: tl.constexpr, SR2: tl.constexpr, ER2: tl.constexpr,
+    CT2: tl.constexpr, PS2: tl.constexpr,
     KB3: tl.constexpr, VB3: tl.constexpr, KG3: tl.constexpr, VG3: tl.constexpr, DT3: tl.constexpr,
     PR3: tl.constexpr, F163: tl.constexpr, FK3: tl.constexpr, FV3: tl.constexpr, SR3: tl.constexpr, ER3: tl.constexpr,
+    CT3: tl.constexpr, PS3: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one kv head over one split of one store. Store s owns grid splits
     [split_end{s-1}, split_end{s}) (split_end{-1} = 0); slots >= NUM_STORES are never compiled. Each slot has its
-    own pointers, strides, page size and encoding constexprs (bits, groups, dot dtype, factored fields, and
-    whether its start / end bounds are (B,) tensors (SR / ER) or scalars)."""
+    own pointers, strides, page size and encoding constexprs (bits, groups, dot dtype, factored fields, whether
+    its start / end bounds are (B,) tensors (SR / ER) or scalars, and its addressing: CONTIGUOUS (CT) and
+    PAGE_SHIFT (PS), see store_access.store_addressing)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -202,7 +207,8 @@ def _multi_split_attention_kernel(
             k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
             skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
             svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0,
-            KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, HALF, BLOCK_M, BLOCK_N,
+            KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, CT0, PS0,
+            HALF, BLOCK_M, BLOCK_N,
         )  # fmt: skip
     if NUM_STORES > 1:
         if (split >= split_end0) & (split < split_end1):
@@ -214,7 +220,8 @@ def _multi_split_attention_kernel(
                 k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
                 skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
                 svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1,
-                KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, HALF, BLOCK_M, BLOCK_N,
+                KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, CT1, PS1,
+                HALF, BLOCK_M, BLOCK_N,
             )  # fmt: skip
     if NUM_STORES > 2:
         if (split >= split_end1) & (split < split_end2):
@@ -226,7 +233,8 @@ def _multi_split_attention_kernel(
                 k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
                 skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
                 svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2,
-                KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, HALF, BLOCK_M, BLOCK_N,
+                KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, CT2, PS2,
+                HALF, BLOCK_M, BLOCK_N,
             )  # fmt: skip
     if NUM_STORES > 3:
         if (split >= split_end2) & (split < split_end3):
@@ -238,7 +246,8 @@ def _multi_split_attention_kernel(
                 k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
                 skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
                 svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3,
-                KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, HALF, BLOCK_M, BLOCK_N,
+                KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, CT3, PS3,
+                HALF, BLOCK_M, BLOCK_N,
             )  # fmt: skip
 
 
@@ -271,7 +280,7 @@ _SHARED_RUNTIME = ("q_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh", "str
 _SLOT_RUNTIME = ("k", "v", "ks", "kz", "vs", "vz", "table", "start", "end", "skp", "skh", "sks", "skx", "sksp", "sksh",
                  "skss", "sksg", "svp", "svh", "svs", "svx", "svsp", "svsh", "svss", "svsg", "stb", "page", "split_end")
 _SHARED_CONSTEXPRS = ("NUM_STORES", "HALF", "BLOCK_M", "BLOCK_N")
-_SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER")
+_SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER", "CT", "PS")
 
 
 def launch_arg_names() -> list[str]:
@@ -295,10 +304,11 @@ def _slot_args(store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: 
     vs, vz, *vs_strides = _scale_args(v_scale, v_zero)
     dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits), (v, v_bits)])
     factor_k, factor_v = factored_fields(dequant, geo.head_dim, k_bits, v_bits, geo.k_group, geo.v_group)
+    contiguous, page_shift = store_addressing(table, geo.page_size)
     runtime = [k, v, ks, kz, vs, vz, table, start, end, *k.stride(), *ks_strides, *v.stride(), *vs_strides,
                table.stride(0), geo.page_size, split_end]  # fmt: skip
     constexprs = [k_bits, v_bits, geo.k_group, geo.v_group, dot_dtype, precision, fp16_codes, factor_k, factor_v,
-                  isinstance(start, torch.Tensor), isinstance(end, torch.Tensor)]  # fmt: skip
+                  isinstance(start, torch.Tensor), isinstance(end, torch.Tensor), contiguous, page_shift]  # fmt: skip
     return runtime, constexprs
 
 

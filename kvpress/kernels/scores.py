@@ -13,9 +13,9 @@ from kvpress.kernels.decode import (
     dot_operand_type,
     scale_pointer_args,
 )
-from kvpress.kernels.tile_loads import load_token_halves, token_pages
+from kvpress.kernels.tile_loads import load_token_halves, row_page, token_pages, token_rows
 from kvpress.kernels.triton_compat import require_triton, tl, triton
-from kvpress.kernels.store_access import check_store_args, gather_dequantized, token_span
+from kvpress.kernels.store_access import check_store_args, gather_dequantized, store_addressing, token_span
 
 
 def _check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
@@ -76,8 +76,11 @@ def _attention_scores_kernel(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
+    CONTIGUOUS: tl.constexpr = False, PAGE_SHIFT: tl.constexpr = -1,
 ):  # fmt: skip
-    """One program: a BLOCK_N tile of one row's keys (loaded once) against all query rows of its kv group."""
+    """One program: a BLOCK_N tile of one row's keys (loaded once) against all query rows of its kv group.
+    CONTIGUOUS / PAGE_SHIFT: the store's addressing (store_access.store_addressing; the defaults are the general
+    paged path, right for any store)."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // kv_heads
@@ -86,11 +89,16 @@ def _attention_scores_kernel(
     end = tl.load(end_ptr + b).to(tl.int32)
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     token_mask = (tokens >= start) & (tokens < end)
-    page, slot = token_pages(table_ptr, b.to(tl.int64) * stride_tb, tokens, token_mask, page_size)
-    k_rows = page * stride_kp + kv_head * stride_kh + slot * stride_ks
-    ks_rows = page * stride_ksp + kv_head * stride_ksh + slot * stride_kss
+    table_row = b.to(tl.int64) * stride_tb
+    page0 = row_page(table_ptr, table_row, CONTIGUOUS)  # the row's one page, or 0
+    head = kv_head.to(tl.int64)
+    k_base = k_ptr + (page0 * stride_kp + head * stride_kh)
+    ks_offset = page0 * stride_ksp + head * stride_ksh  # scale and zero share their strides
+    page, slot = token_pages(table_ptr, table_row, tokens, token_mask, page_size, CONTIGUOUS, PAGE_SHIFT)
+    k_rows = token_rows(page, slot, stride_kp, stride_ks, CONTIGUOUS)
+    ks_rows = token_rows(page, slot, stride_ksp, stride_kss, CONTIGUOUS, True)
     k_low, k_high = load_token_halves(
-        k_ptr, ks_ptr, kz_ptr, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
+        k_base, ks_ptr + ks_offset, kz_ptr + ks_offset, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
         HALF, K_BITS, K_GROUP, DOT_DTYPE, FP16_CODES,
     )
     k_low = tl.trans(k_low)
@@ -155,6 +163,7 @@ def attention_scores_triton(
     ks, ks_strides = scale_pointer_args(k_scale, k)
     kz, _ = scale_pointer_args(k_zero, k)
     dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits)])
+    contiguous, page_shift = store_addressing(block_table, geo.page_size)
     grid = (batch * geo.kv_heads, triton.cdiv(num_tokens, block_n))
     _attention_scores_kernel[grid](
         q, k, ks, kz, block_table, kv_start, kv_end, lse, out,
@@ -162,6 +171,7 @@ def attention_scores_triton(
         geo.kv_heads, geo.group, num_queries, geo.page_size, num_tokens, sm_scale * LOG2E,
         HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n, K_BITS=k_bits, K_GROUP=geo.k_group,
         DOT_DTYPE=dot_dtype, PRECISION=precision, FP16_CODES=fp16_codes,
+        CONTIGUOUS=contiguous, PAGE_SHIFT=page_shift,
         num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
     )  # fmt: skip
     return out

@@ -138,6 +138,25 @@ def check_store_args(
     )
 
 
+def store_addressing(block_table: torch.Tensor, page_size: int) -> tuple[bool, int]:
+    """(CONTIGUOUS, PAGE_SHIFT): how the Triton kernels address a store's tokens, decided from shapes only (no
+    device sync, no read of the table's values).
+
+    CONTIGUOUS when the block table has ONE column: every row's tokens [0, kv_end) lie in its single page
+    table[b, 0] (kv_end <= max_pages * page_size = S), which the kernel reads once per program instead of once per
+    token, and a token's slot is the token itself. That covers the contiguous store (P = B, table arange(B)[:, None],
+    S = its capacity, any number) and is exact for any other one-column table too - a paged store with one page per
+    row, with P == B or not, the identity or a permutation or rows sharing one page - since nothing about the
+    table's values is assumed. Otherwise PAGE_SHIFT = log2(page_size) for a power-of-two page size (shift and mask),
+    else -1 (the general path: runtime division by page_size).
+    """
+    if block_table.shape[1] == 1:
+        return True, -1
+    if page_size > 0 and page_size & (page_size - 1) == 0:
+        return False, page_size.bit_length() - 1
+    return False, -1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch twin
 # ----------------------------------------------------------------------------------------------------------

@@ -74,11 +74,65 @@ def load_token_halves(
     return low, high
 
 
+# Addressing a store's tokens (docs/STORAGE_LAYOUT.md), specialised at compile time per store (see
+# store_access.store_addressing for the rule the launchers apply):
+#   CONTIGUOUS  - every row's tokens lie in one page (block table of one column: the contiguous store, or a paged
+#                 store of one page per row): the row's page table[b, 0] is read once per program, outside the tile
+#                 loop, and folded into the row's base pointers; a token's slot is the token itself (no per-token
+#                 table load, no division).
+#   PAGE_SHIFT >= 0 - pages of 2**PAGE_SHIFT slots: page index and slot by a shift and a mask.
+#   otherwise   - any page size: by a runtime division.
+
+
 @triton.jit
-def token_pages(table_ptr, table_row, tokens, token_mask, page_size):
-    """Map logical token indices of one row to (page as int64, slot) through its block-table row."""
-    page = tl.load(table_ptr + table_row + tokens // page_size, mask=token_mask, other=0).to(tl.int64)
-    return page, tokens % page_size
+def row_page(table_ptr, table_row, CONTIGUOUS: tl.constexpr):
+    """The one page of the row (int64) in CONTIGUOUS mode, else 0: fold `row_page * stride_p` into base pointers."""
+    if CONTIGUOUS:
+        page = tl.load(table_ptr + table_row).to(tl.int64)
+    else:
+        page = (table_row * 0).to(tl.int64)
+    return page
+
+
+@triton.jit
+def token_pages(
+    table_ptr, table_row, tokens, token_mask, page_size, CONTIGUOUS: tl.constexpr, PAGE_SHIFT: tl.constexpr
+):  # fmt: skip
+    """Map logical token indices (>= 0) of one row to (page as int64, slot) through its block-table row. In
+    CONTIGUOUS mode the page is the row's own page, already folded into the base pointers: (0, token)."""
+    if CONTIGUOUS:
+        page = tl.zeros_like(tokens).to(tl.int64)  # unused (token_rows ignores it)
+        slot = tokens
+    else:
+        if PAGE_SHIFT >= 0:
+            index = tokens >> PAGE_SHIFT
+            slot = tokens & ((1 << PAGE_SHIFT) - 1)
+        else:
+            index = tokens // page_size
+            slot = tokens % page_size
+        # page ids are < 2**32: zero-extending them to int64 is cheaper than sign-extending
+        page = tl.load(table_ptr + table_row + index, mask=token_mask, other=0).to(tl.uint32).to(tl.int64)
+    return page, slot
+
+
+@triton.jit
+def token_rows(page, slot, stride_p, stride_s, CONTIGUOUS: tl.constexpr, WIDE: tl.constexpr = False):
+    """Offsets of tokens (page, slot) from their row's base pointer: slot * stride_s in CONTIGUOUS mode (int32, or
+    int64 when WIDE), else page * stride_p + slot * stride_s (int64).
+
+    WIDE is for the per-token scale / zero loads of the register-dequantization path (load_token_halves): with
+    int32 offsets Triton 3.9 rematerialises those small loads in the dot-operand layout (several redundant loads
+    per thread) instead of loading once per token and exchanging through shared memory; int64 offsets tip its cost
+    model back (fewer SASS instructions in the tile loop on sm_90, eval/kernel_instruction_counts.py). Code tiles
+    and the factored path keep int32 offsets (fewer instructions there)."""
+    if CONTIGUOUS:
+        if WIDE:
+            rows = slot.to(tl.int64) * stride_s
+        else:
+            rows = slot * stride_s
+    else:
+        rows = page * stride_p + slot * stride_s
+    return rows
 
 
 # Factored dequantization (KVPRESS_DEQUANT=factored). With a field's groups of GROUP head-dim elements, a "half"
