@@ -141,9 +141,11 @@ class KVPressLayer(CacheLayerMixin):
 
     def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
         """Store a new chunk and advance the logical length; track left padding per row."""
-        if chunk_valid is not None:
+        max_pad = 0
+        if chunk_valid is not None:  # prefill chunks only: decode steps never add padding (and never sync here)
             self._track_padding(chunk_valid, self.kv.length)
-        max_pad = int(self.n_pad.max()) if self.n_pad is not None and self.kv.quant is not None else 0
+            if self.n_pad is not None and self.kv.quant is not None:
+                max_pad = int(self.n_pad.max())
         self.kv.append(key, value, max_pad)
         if self.mass is not None:
             self.mass = torch.nn.functional.pad(self.mass, (0, key.shape[2]))

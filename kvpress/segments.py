@@ -176,8 +176,8 @@ class SegmentedKV:
         if self.quant is None:
             self.main.store.append({"k": k, "v": v})
             return
-        if not self.main.length and not self.window.length:
-            self._set_sink_slots(self.quant.n_sink + max_pad)
+        if not self.main.length and not self.window.length:  # sinks may still grow (never shrink)
+            self._set_sink_slots(max(self.n_sink, self.quant.n_sink + max_pad))
         n_sink = max(0, min(self.n_sink - self.sink.length, k.shape[2]))
         if n_sink:
             self.sink.append(k[:, :, :n_sink], v[:, :, :n_sink])
