@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .kernels.store_access import gather_tokens
+
 
 @dataclass
 class DeferredEncoding:
@@ -25,16 +27,16 @@ def full_prompt(prefix, store, kv_start: torch.Tensor | None):
     """(k, v, valid) of every row's whole prompt in full precision, left-padded: its shared prefix tokens
     [0, prefix.ends[b]) gathered from the pages, then its private tokens [kv_start[b], store.length)."""
     private_k, private_v = store.view("k"), store.view("v")
-    batch, heads, n_private, _ = private_k.shape
+    batch = private_k.shape[0]
     starts = kv_start.tolist() if kv_start is not None else [0] * batch
     ends = prefix.ends.tolist() if prefix is not None else [0] * batch
     rows = []
     for b in range(batch):
         row = {"k": private_k[b, :, starts[b]:], "v": private_v[b, :, starts[b]:]}
         if ends[b]:
-            pages = prefix.block_table[b, : -(-ends[b] // prefix.fields["k"].shape[2])].long()
-            shared = {name: prefix.fields[name][pages].transpose(0, 1).flatten(1, 2)[:, : ends[b]] for name in row}
-            row = {name: torch.cat([shared[name].to(row[name].dtype), row[name]], dim=1) for name in row}
+            table = prefix.block_table[b : b + 1]
+            row = {name: torch.cat([gather_tokens(prefix.fields[name], table, 0, ends[b], contiguous=False)[0]
+                                    .to(row[name].dtype), row[name]], dim=1) for name in row}
         rows.append(row)
     width = max(r["k"].shape[1] for r in rows)
     k, v = (torch.stack([torch.nn.functional.pad(r[name], (0, 0, width - r[name].shape[1], 0)) for r in rows])

@@ -1,6 +1,7 @@
 """PagedKVCache: the cache of one generate call that reads shared prompt prefixes from a PrefixCache's pages."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from .cache import KVPressCache
@@ -50,13 +51,11 @@ class PagedKVCache(KVPressCache):
 
         `pages_used`: distinct pool pages its rows matched; `pages_shared`: those matched by more than one of its
         rows; `shared_nbytes`: their bytes, held once by the PrefixCache (not in `nbytes`); `matched_tokens`: prompt
-        tokens per row that were not recomputed. Uncompressed requests read these pages in place; compressed ones
-        read a compressed copy (counted in `nbytes`)."""
+        tokens per row that were not recomputed. Uncompressed requests read these pages in place, quantized ones
+        whose encoding the PrefixCache keeps read its codes in place; other compressed requests hold a compressed
+        copy (counted in `nbytes`)."""
         stats = super().stats()
-        counts: dict[int, int] = {}
-        for pages in self.row_pages:
-            for page in pages:
-                counts[page] = counts.get(page, 0) + 1
+        counts = Counter(page for pages in self.row_pages for page in pages)
         pool = self.prefix_cache.pool
         page_bytes = pool.nbytes() // pool.num_pages if pool is not None else 0
         stats.update(

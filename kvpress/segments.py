@@ -305,9 +305,8 @@ class SharedPrefix:
                 self.starts, self.ends, *self.bits, *self.groups)
 
     def attend(self, q: torch.Tensor, sm_scale: float):
-        f = self.fields
-        args = (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"), self.block_table,
-                self.starts, self.ends, sm_scale, *self.bits, *self.groups)
+        store = self.store_args()
+        args = (*store[:9], sm_scale, *store[9:])  # the kernels take sm_scale between the bounds and the bits
         if q.shape[2] == 1:
             out, lse = decode_attention(q[:, :, 0], *args)
             return out[:, :, None], lse[:, :, None]
