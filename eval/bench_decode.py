@@ -2,6 +2,10 @@
 weights, nothing downloaded): DynamicCache vs KVPressCache(int8-int4) vs transformers' QuantizedCache (quanto int4).
 
     python eval/bench_decode.py --contexts 8192 32768 --batches 1 8 --new-tokens 32
+    python eval/bench_decode.py --contexts 32768 --batches 8 --profile   # + GPU busy time per step
+
+The H100 rows measured so far (eval/results/decode_e2e_h100_*.json) spend about 100 ms per step whatever the
+cache size and batch, far more than the bytes read need: `--profile` tells whether that time is the GPU's.
 
 Writes eval/results/decode_e2e.json and a PNG (tokens/s per configuration). CUDA only.
 """
@@ -37,8 +41,20 @@ def make_cache(name: str, model):
     raise ValueError(f"unknown cache {name}")
 
 
-def run_one(model, name: str, batch: int, context: int, new_tokens: int, prefill_chunk: int | None = None) -> dict:
-    """Prefill + `new_tokens` greedy steps; decode time excludes the prefill forward."""
+def kernel_time_us(prof) -> float:
+    """Total time of the GPU kernels a torch.profiler run recorded (one stream: they do not overlap)."""
+    total = 0.0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total += event.time_range.elapsed_us()
+    return total
+
+
+def run_one(model, name: str, batch: int, context: int, new_tokens: int, prefill_chunk: int | None = None,
+            profile: bool = False) -> dict:
+    """Prefill + `new_tokens` greedy steps; decode time excludes the prefill forward. With `profile`, the decode
+    steps also run under torch.profiler (CUDA activity only) and the row gets `gpu_ms_per_step`, the kernels'
+    busy time: far below `ms_per_step` means the step waits on the host (Python, launches), not on the GPU."""
     kvpress.unwrap(model)
     if name.startswith("kvpress"):
         kvpress.wrap(model)
@@ -46,11 +62,14 @@ def run_one(model, name: str, batch: int, context: int, new_tokens: int, prefill
     cache = make_cache(name, model)
     stamps: list[float] = []
     steps = [0]
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
 
     def stamp(_module, args):  # times the first forward and the first single-token (decode) forward
         if not stamps or (len(stamps) == 1 and args[0].shape[-1] == 1):
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            if prof is not None and len(stamps) == 2:
+                prof.start()
         if len(stamps) == 2 and args[0].shape[-1] == 1:
             steps[0] += 1
 
@@ -69,11 +88,15 @@ def run_one(model, name: str, batch: int, context: int, new_tokens: int, prefill
         end = time.perf_counter()
     finally:
         hook.remove()
+        if prof is not None and len(stamps) == 2:
+            prof.stop()
     decode_s = end - stamps[1]  # from the first decode forward to the end
     steps = steps[0]
     row = {"cache": name, "batch": batch, "context": context, "decode_steps": steps,
            "prefill_s": stamps[1] - stamps[0], "decode_tokens_per_s": batch * steps / decode_s,
            "ms_per_step": 1000 * decode_s / steps, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    if prof is not None:
+        row["gpu_ms_per_step"] = kernel_time_us(prof) / 1000 / steps
     if name.startswith("kvpress"):
         row["kv_gib"] = cache.stats()["nbytes"] / 2**30
         row["fp16_kv_gib"] = cache.stats()["fp16_nbytes"] / 2**30
@@ -111,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caches", nargs="+", default=["dynamic", "kvpress:int8-int4", "quanto-int4"])
     parser.add_argument("--prefill-chunk", type=int, default=8192, help="prefill_chunk_size for every cache (0: off)")
     parser.add_argument("--out", default="eval/results/decode_e2e.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record the GPU kernels' busy time per decode step (gpu_ms_per_step)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py needs a CUDA GPU (it times an 8B-shaped model in bf16).")
@@ -133,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             for name in args.caches:
                 try:
-                    row = run_one(model, name, batch, context, args.new_tokens, args.prefill_chunk or None)
+                    row = run_one(model, name, batch, context, args.new_tokens, args.prefill_chunk or None,
+                                  profile=args.profile)
                 except Exception as err:  # record OOM / missing backend instead of losing the whole sweep
                     row = {"cache": name, "batch": batch, "context": context, "error": f"{type(err).__name__}: {err}"[:300]}
                     torch.cuda.empty_cache()

@@ -2,9 +2,12 @@
 against the device's peak, beside fp16 torch SDPA decode over the dequantized cache. CUDA only.
 
 Series per config: `triton_int8k_int4v` (contiguous store), `triton_int8k_int4v_paged` (page size 16, shuffled
-pool), `triton_fp16` (unquantized store), `sdpa_fp16` (torch SDPA with enable_gqa over a (B, Hkv, T, D) cache).
-Kernel times come from CUDA-graph replays over enough store copies to defeat the L2 cache; `eager_us` is one
-plain Python call (launch and argument checks included). Writes eval/results/kernels_<tag>.json (+ .png).
+pool), `triton_fp16` (unquantized store), `sdpa_fp16` (torch SDPA with enable_gqa over a (B, Hkv, T, D) cache),
+`quanto_int4` (one layer of transformers' QuantizedCache with optimum-quanto int4 in a decode step: append the
+token, dequantize the whole cache, SDPA over it; eager and synchronised, so `speedup_vs_quanto` compares it with
+the int8-K/int4-V kernel's `eager_us`; `--no-quanto` skips it). Kernel times come from CUDA-graph replays over
+enough store copies to defeat the L2 cache; `eager_us` is one plain Python call (launch and argument checks
+included). Writes eval/results/kernels_<tag>.json (+ .png).
 
 `--dequant registers factored` times the quantized series once per dequantization variant of the kernel
 (kvpress.kernels.factored.factored_fields): one JSON row per (config, variant), named by its "dequant" field; the
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-cache-gib", type=float, default=24.0, help="skip configs whose fp16 cache is larger")
     parser.add_argument("--iters", type=int, default=20, help="graph replays per measurement")
     parser.add_argument("--tag", default=None, help="output name suffix (default: quick/full/tune)")
+    parser.add_argument("--no-quanto", action="store_true",
+                        help="skip the transformers QuantizedCache (quanto int4) decode-step series")
+    parser.add_argument("--quanto-steps", type=int, default=40, help="timed QuantizedCache decode steps per config")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of an existing results JSON")
     args = parser.parse_args(argv)
@@ -133,6 +139,46 @@ def eager_time_us(fn, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
+def quanto_layers(batch: int, kv_heads: int, tokens: int, head_dim: int, copies: int, device: str = "cuda") -> list:
+    """`copies` transformers QuantizedCache layers (quanto int4, its defaults: groups of 64, residual of 128 fp
+    tokens) prefilled with `tokens` random fp16 tokens, as generate leaves them after the prompt."""
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    layers = []
+    for _ in range(copies):
+        layer = QuantoQuantizedLayer(nbits=4)
+        shape = (batch, kv_heads, tokens, head_dim)
+        layer.update(torch.randn(shape, device=device, dtype=torch.float16),
+                     torch.randn(shape, device=device, dtype=torch.float16))  # fmt: skip
+        layers.append(layer)
+    return layers
+
+
+def quanto_step(layer, q4: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """One layer's attention in a QuantizedCache decode step: append the new token (re-quantizing everything
+    when the residual fills), get back the whole cache dequantized, then fp16 SDPA over it. Appends one token."""
+    shape = (q4.shape[0], layer._quantized_keys.shape[1], 1, q4.shape[-1])
+    keys, values = layer.update(torch.randn(shape, device=q4.device, dtype=q4.dtype),
+                                torch.randn(shape, device=q4.device, dtype=q4.dtype))  # fmt: skip
+    return F.scaled_dot_product_attention(q4, keys, values, scale=sm_scale, enable_gqa=True)
+
+
+def quanto_time_us(layers: list, q4: torch.Tensor, sm_scale: float, steps: int) -> dict:
+    """Per-step wall time (us, synchronised) of `steps` consecutive decode steps over each layer in turn (eager:
+    the layer mutates Python state, so it cannot be graph-captured). The median is a step without re-quantization;
+    the mean spreads one re-quantization every residual_length steps as generate pays it."""
+    sync = torch.cuda.synchronize if q4.is_cuda else (lambda: None)
+    quanto_step(layers[0], q4, sm_scale)  # warm-up
+    sync()
+    samples = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        quanto_step(layers[i % len(layers)], q4, sm_scale)
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return {"us": statistics.median(samples), "mean_us": statistics.fmean(samples), "steps": steps}
+
+
 def quant_calls(stores, q, kv_start, kv_end, sm_scale, group, dequant="registers", **tuning):
     """Closures running the int8-K/int4-V decode kernel (dequantization variant `dequant`) once per store copy
     (tuning kwargs optional)."""
@@ -191,8 +237,21 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list
     us = graph_time_us(sdpa_calls, args.iters)
     sdpa = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(sdpa_calls[0])}
     del caches
+    quanto = None
+    if not args.no_quanto:
+        try:
+            layers = quanto_layers(batch, kv_heads, tokens, head_dim, min(4, math.ceil(L2_FLUSH_BYTES / fbytes)))
+        except ImportError as err:  # optimum-quanto missing: say so once and time the rest
+            print(f"skipping the QuantizedCache series: {err}", flush=True)
+            args.no_quanto = True
+        else:
+            quanto = quanto_time_us(layers, q4, sm_scale, args.quanto_steps)
+            del layers
     for row in rows:
         row["triton_fp16"], row["sdpa_fp16"] = dict(fp16), dict(sdpa)
+        if quanto is not None:
+            row["quanto_int4"] = dict(quanto)
+            row["speedup_vs_quanto"] = quanto["us"] / row["triton_int8k_int4v"]["eager_us"]
         row["speedup_vs_sdpa"] = sdpa["us"] / row["triton_int8k_int4v"]["us"]
     return rows
 
@@ -304,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['dequant']:9s} D={head_dim:3d} gqa={gqa} B={batch:2d} T={tokens:6d} | int8/int4 "
                   f"{q_['us']:8.1f}us {q_['gbps']:6.0f}GB/s ({100 * q_['gbps'] / args.peak_gbps:3.0f}%) paged "
                   f"{p_['us']:8.1f}us | fp16 triton {f_['us']:8.1f}us {f_['gbps']:5.0f}GB/s | sdpa {s_['us']:8.1f}us "
-                  f"{s_['gbps']:5.0f}GB/s | x{row['speedup_vs_sdpa']:.2f}", flush=True)  # fmt: skip
+                  f"{s_['gbps']:5.0f}GB/s | x{row['speedup_vs_sdpa']:.2f}"
+                  + (f" | quanto {row['quanto_int4']['us']:8.1f}us x{row['speedup_vs_quanto']:.1f} (eager)"
+                     if "quanto_int4" in row else ""), flush=True)  # fmt: skip
         json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive a kill
         torch.cuda.empty_cache()
     plotted = not args.no_plot and plot(rows, args.peak_gbps, RESULTS_DIR / f"kernels_{tag}.png")
