@@ -4,10 +4,11 @@ A proxy for the GPU launch overhead of batch-1 decode (no GPU needed, nothing do
   (a) torch ops dispatched OUTSIDE the kernel entry points (TorchDispatchMode), split into compute ops (each one
       GPU kernel launch, roughly), views, allocations and host syncs (.item()/bool(): no launch, but a stall);
   (b) calls of the kernel entry points (kvpress.kernels: decode_attention, decode_attention_multi, extend_attention,
-      attention_scores, merge_attention_states, quantize_store), whose inner ops are not counted in (a);
+      attention_scores, add_score_mass, merge_attention_states, quantize_store), whose inner ops are not counted in
+      (a);
   (c) estimated GPU launches = compute ops of (a) + launches per entry point: Triton attention 1 kernel + 1 combine
       when it splits (split counts as the Triton path picks them on an H100, 132 SMs), attention_scores 1,
-      quantize_store 1, merge_attention_states 1 (it is a torch function: `launches_merge_as_torch` counts its real
+      add_score_mass 1, quantize_store 1, merge_attention_states 1 (it is a torch function: `launches_merge_as_torch` counts its real
       torch ops instead).
 Counts are per layer (the layer's attention function and cache update), averaged over the measured steps (window
 flushes included), plus the whole model's forward per step. The kernels run as their torch twins on CPU, which
@@ -69,6 +70,7 @@ ENTRY_POINTS = [
     (kvpress.segments, "quantize_store"),
     (kvpress.attention, "decode_attention_multi"),
     (kvpress.attention, "merge_attention_states"),
+    (kvpress.attention, "add_score_mass"),
 ]
 
 
@@ -106,7 +108,7 @@ def entry_launches(name: str, args: tuple) -> int:
         capacities = [s[6].shape[1] * s[0].shape[2] for s in stores]
         splits = _splits(q.shape[1], q.shape[0], stores[0][0].shape[1], q.shape[-1], capacities)
         return 1 + (splits > 1)
-    return 1  # attention_scores, quantize_store, merge_attention_states (as one fused launch)
+    return 1  # attention_scores, add_score_mass, quantize_store, merge_attention_states (as one fused launch)
 
 
 class Recorder(TorchDispatchMode):

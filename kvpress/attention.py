@@ -15,6 +15,7 @@ compress when the prompt is complete (first decode step), or after every chunk w
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -22,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .compress import compress, evict_before_decode, observe_chunk
-from .kernels import decode_attention_multi, kernel_backend, merge_attention_states
+from .kernels import add_score_mass, chunk_attention, decode_attention_multi, kernel_backend, merge_attention_states
 
 ATTENTION_NAME = "kvpress"
 DECODE_ENV = "KVPRESS_DECODE"  # "fused" (default): one kernel over all segments; "segments": one per segment + merges
@@ -95,13 +96,21 @@ def _decode_segments(layer, query, key, value, scaling):
     layer.append(key, value, None)
     if decode_mode() == "segments":
         return _decode_per_segment(layer, query, scaling)
-    stores = [seg.store_args(layer.kv_start, off) for seg, off in layer.kv.offsets() if seg.length]
+    segments = [(seg, off) for seg, off in layer.kv.offsets() if seg.length]
+    stores = [seg.store_args(layer.kv_start, off) for seg, off in segments]
     if layer.prefix is not None:
         stores.append(layer.prefix.store_args())
-    out, lse = decode_attention_multi(query[:, :, 0], tuple(stores), scaling, out_dtype=query.dtype)
-    if layer.mass is not None:
-        _accumulate_mass(layer, query, lse[:, :, None], scaling)
-    return out[:, None]  # (B, 1, Hq, D), contiguous
+    q = query[:, :, 0]
+    if layer.mass is None:
+        out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype)
+        return out[:, None]  # (B, 1, Hq, D), contiguous
+    # H2O: the kernel also stores the logits it computes (no second pass over the keys); one small pass then
+    # turns them into this step's mass. (Mass-based presses are never combined with a shared prefix.)
+    scores = torch.empty(*q.shape[:2], layer.mass.shape[2], dtype=torch.float32, device=q.device)
+    out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype, scores=scores,
+                                      score_offsets=tuple(off for _, off in segments))  # fmt: skip
+    add_score_mass(layer.mass, scores, lse, layer.kv_start)
+    return out[:, None]
 
 
 def _decode_per_segment(layer, query, scaling):
@@ -131,7 +140,11 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
         return out
     if layer.prefix is None and kernel_backend(query.device) == "reference":
         return _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling)
-    out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
+    causal, chunk_start = _causal_chunk(chunk_mask, chunk_valid, layer.sliding_window)
+    if causal:  # the kernel path: the chunk as a 16-bit store, causal in the kernel (no materialised logits)
+        out, lse = chunk_attention(query, key, value, chunk_start, scaling)
+    else:
+        out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
     for seg, off in layer.kv.offsets():
         if seg.length:
             out, lse = merge_attention_states(out, lse, *seg.attend(query, layer.kv_start, off, scaling))
@@ -154,6 +167,26 @@ def _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_vali
 
 
 CHUNK_LOGITS_BUDGET = 1 << 28  # bytes of fp32 logits materialised at once inside a chunk
+_last_causal_check: list = [None, None]  # ((weak ref, version) of the mask, result): a forward's layers share it
+
+
+def _causal_chunk(chunk_mask, chunk_valid, window) -> tuple[bool, torch.Tensor | None]:
+    """(True, rows' first real chunk token (B,) or None) when the chunk's mask is plain causal attention after left
+    padding - what chunk_attention computes - else (False, None): sliding windows and other masks keep the
+    masked torch path. A given mask is compared once (one host sync per forward, not per layer)."""
+    if window is not None:
+        return False, None
+    if chunk_mask is None:
+        return True, None
+    q_len = chunk_mask.shape[-1]
+    start = (q_len - chunk_valid.sum(dim=1)).to(torch.int32)
+    checked = _last_causal_check[0]
+    if checked is None or checked[0]() is not chunk_mask or checked[1] != chunk_mask._version:
+        positions = torch.arange(q_len, device=chunk_mask.device)
+        expected = (positions[None, :] <= positions[:, None])[None] & (positions[None, None, :] >= start[:, None, None])
+        got = _as_bool(chunk_mask)[:, 0]
+        _last_causal_check[:] = [(weakref.ref(chunk_mask), chunk_mask._version), bool((got == expected).all())]
+    return _last_causal_check[1], start
 
 
 def _chunk_attention(query, key, value, chunk_mask, scaling, window):

@@ -17,7 +17,8 @@ from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 
 def _compile_for_sm90() -> None:
     """Compile the one-store and multi-store decode kernels for a few store mixes and every addressing mode
-    (contiguous, 16-token pages, 12-token pages) (run as a script)."""
+    (contiguous, 16-token pages, 12-token pages), with the logit output (+ the mass kernel) and the causal chunk
+    mode (run as a script)."""
     from kvpress.kernels.compile_only import install_compile_only
 
     compiled = install_compile_only(90)
@@ -25,6 +26,8 @@ def _compile_for_sm90() -> None:
     from test_kernels_fixtures import make_store
 
     from kvpress.kernels.decode import decode_attention_triton
+    from kvpress.kernels.extend import chunk_attention_triton
+    from kvpress.kernels.mass import add_score_mass_triton
     from kvpress.kernels.multi import decode_attention_multi_triton
 
     for head_dim, dtype, bounds_as_ints in ((64, torch.float16, True), (128, torch.bfloat16, False)):
@@ -38,12 +41,19 @@ def _compile_for_sm90() -> None:
         q = torch.randn(2, 8, head_dim).to(dtype)
         decode_attention_multi_triton(q, tuple(stores[: 3 if bounds_as_ints else 4]), 0.1, out_dtype=dtype)
         decode_attention_triton(q, *middle.args(), 0.1, *middle.bits())
+        if not bounds_as_ints:  # H2O: the logit output, and the mass pass over it
+            scores = torch.empty(2, 8, 4 + 40 + 9, dtype=torch.float32)
+            _, lse = decode_attention_multi_triton(q, tuple(stores[:3]), 0.1, scores=scores, score_offsets=(0, 4, 44))
+            add_score_mass_triton(torch.zeros(2, 2, scores.shape[2]), scores, lse, torch.tensor([0, 2]))
+        chunk = torch.randn(2, 2, 70, head_dim).to(dtype)  # a prefill chunk over itself, causal
+        chunk_attention_triton(torch.randn(2, 8, 70, head_dim).to(dtype), chunk, chunk, torch.tensor([0, 5]), 0.1)
         if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
             paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
             decode_attention_triton(q, *paged12.args(), 0.1, *paged12.bits())
     compiled = [(name, len(kernel.asm["cubin"])) for name, kernel in compiled]
     names = {name for name, size in compiled if size > 0}
-    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_split_attention_kernel"} <= names, compiled
+    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_split_attention_kernel",
+            "_add_score_mass_kernel"} <= names, compiled  # fmt: skip
     print("compiled", compiled)
 
 

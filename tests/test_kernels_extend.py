@@ -90,3 +90,122 @@ def test_decode_shaped_query_is_rejected() -> None:
     store, q, sm_scale = _inputs("fp32-gqa1-q5-contiguous")
     with pytest.raises(ValueError, match="extend q"):
         extend_attention_reference(q[:, :, 0], *store.args(), sm_scale, *store.bits())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chunk_attention: a prefill chunk over its own tokens, causally, after left padding (the kernel's CAUSAL mode)
+# ----------------------------------------------------------------------------------------------------------
+def _chunk_inputs(batch, kv_heads, group, length, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=gen)
+    return (t.to(dtype).to(DEVICE) for t in (q, k, v))
+
+
+def _plain_causal(q, k, v, start, sm_scale):
+    """Float64 oracle: query i sees keys start[b] <= j <= i; rows that see nothing give out 0, lse -inf."""
+    group = q.shape[1] // k.shape[1]
+    qd, kd, vd = (t.double().cpu() for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+    length = q.shape[2]
+    positions = torch.arange(length)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & (
+        positions[None, None, None, :] >= start.cpu()[:, None, None, None])  # fmt: skip
+    scores = (qd @ kd.transpose(-1, -2) * sm_scale).masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
+    return probs @ vd, lse
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 37, 32), (2, 1, 8, 70, 64), (1, 2, 1, 5, 128)])
+def test_chunk_attention_twin_and_kernel_equal_plain_causal_attention(shape) -> None:
+    from kvpress.kernels.extend import chunk_attention_reference, chunk_attention_triton
+
+    batch, kv_heads, group, length, head_dim = shape
+    q, k, v = _chunk_inputs(batch, kv_heads, group, length, head_dim, torch.float32, seed=sum(shape))
+    start = torch.tensor([0, length // 3, length - 1][:batch], dtype=torch.int32, device=DEVICE)  # left padding
+    sm_scale = head_dim**-0.5
+    plain_out, plain_lse = _plain_causal(q, k, v, start, sm_scale)
+    for impl, tol in ((chunk_attention_reference, 1e-5), (chunk_attention_triton, 1e-4)):
+        out, lse = impl(q, k, v, start, sm_scale)
+        assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
+        torch.testing.assert_close(out.cpu().double(), plain_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=tol, rtol=tol)  # -inf for padding queries
+    out, lse = chunk_attention_reference(q, k, v, None, sm_scale)  # None: no padding
+    torch.testing.assert_close(out.cpu().double(), _plain_causal(q, k, v, torch.zeros(batch), sm_scale)[0],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_chunk_attention_in_half_precision() -> None:
+    from kvpress.kernels.extend import chunk_attention_reference, chunk_attention_triton
+
+    q, k, v = _chunk_inputs(2, 2, 4, 33, 64, torch.float16, seed=7)
+    start = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    ref_out, ref_lse = chunk_attention_reference(q, k, v, start, 0.125)
+    out, lse = chunk_attention_triton(q, k, v, start, 0.125)
+    torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_chunk_attention_rejects_mismatched_chunks() -> None:
+    from kvpress.kernels import chunk_attention
+
+    q, k, v = _chunk_inputs(1, 1, 2, 8, 32, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="chunk k and v"):
+        chunk_attention(q, k[:, :, :7], v[:, :, :7], None, 0.1)
+    with pytest.raises(ValueError, match="extend q"):
+        chunk_attention(q[:, :, 0], k, v, None, 0.1)
+
+
+def test_only_plain_causal_masks_take_the_kernel_path() -> None:
+    """attention._causal_chunk: no mask, or causal after left padding -> the kernel; a sliding window or any other
+    mask (here: one extra hidden key) -> the masked torch path."""
+    from kvpress.attention import _causal_chunk, _chunk_validity
+
+    length = 6
+    positions = torch.arange(length)
+    pads = torch.tensor([0, 2])
+    mask = (positions[None, :] <= positions[:, None])[None, None] & (positions[None, None, None, :] >= pads[:, None,
+                                                                                                            None, None])
+    assert _causal_chunk(None, None, None) == (True, None)
+    assert _causal_chunk(None, None, 4) == (False, None)
+    causal, start = _causal_chunk(mask, _chunk_validity(mask), None)
+    assert causal and start.tolist() == [0, 2]
+    other = mask.clone()
+    other[0, 0, 5, 3] = False
+    assert _causal_chunk(other, _chunk_validity(other), None)[0] is False
+    additive = torch.zeros(2, 1, length, length).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert _causal_chunk(additive, _chunk_validity(additive), None)[0] is True
+
+
+def test_chunked_prefill_attends_the_chunk_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A left-padded quantized batch prefilled in chunks (padding reaching into the second chunk) on the Triton
+    path: later chunks go through chunk_attention, never the masked torch path, and the logits match the torch path
+    (reference kernels: one SDPA over the dequantized past and the chunk)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import kvpress
+    import kvpress.attention as attention
+    from tiny_models import COMMON, left_padded_batch
+
+    calls = []
+    real = attention.chunk_attention
+    monkeypatch.setattr(attention, "chunk_attention", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(attention, "_chunk_attention", lambda *a: pytest.fail("masked torch path taken"))
+    torch.manual_seed(0)
+    model = kvpress.wrap(AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval())
+    ids, mask = left_padded_batch(batch=2, length=24, pads=(0, 20))
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("KVPRESS_KERNELS", backend)
+        cache = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2")
+        with torch.no_grad():
+            results[backend] = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                              max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                              prefill_chunk_size=16, output_logits=True,
+                                              return_dict_in_generate=True)  # fmt: skip
+    assert len(calls) == model.config.num_hidden_layers  # the second chunk, once per layer, Triton run only
+    assert [c.tolist() for c in calls] == [[0, 4]] * len(calls)  # row 1: 20 padding tokens, 4 in the second chunk
+    assert torch.equal(results["triton"].sequences, results["reference"].sequences)
+    for a, b in zip(results["triton"].logits, results["reference"].logits):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

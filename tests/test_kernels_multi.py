@@ -250,3 +250,109 @@ def test_launch_passes_the_kernel_parameters_in_signature_order() -> None:
     from kvpress.kernels.multi import _multi_split_attention_kernel, launch_arg_names
 
     assert list(_multi_split_attention_kernel.arg_names) == launch_arg_names()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logit output for H2O (scores=): the tokens' log2-domain logits, written from the tiles the kernel holds, and
+# add_score_mass turning them into the step's attention mass.
+# ----------------------------------------------------------------------------------------------------------
+SENTINEL = 123.0
+
+
+def _score_layout(stores) -> tuple[tuple[int, ...], int]:
+    """Column offsets of the stores in one (B, Hq, L) buffer (each store gets its capacity) and L."""
+    offsets, length = [], 0
+    for s in stores:
+        offsets.append(length)
+        length += int(s.kv_end.max())
+    return tuple(offsets), length
+
+
+def _dense_logits_and_probs(q, stores, sm_scale, offsets, length):
+    """Float64 oracle: (B, Hq, L) log2-domain logits (NaN where no row attends) and softmax probabilities over
+    the concatenation of every store's span (0 elsewhere)."""
+    batch, q_heads, _ = q.shape
+    logits = torch.full((batch, q_heads, length), math.nan, dtype=torch.float64)
+    for s, off in zip(stores, offsets):
+        keys = s.dense_k.repeat_interleave(GROUP, 1)  # (B, Hq, T, D)
+        raw = torch.einsum("bhd,bhtd->bht", q.double().cpu(), keys[:, :, : length - off]) * sm_scale * math.log2(math.e)
+        for b in range(batch):
+            lo, hi = int(s.kv_start[b]), int(s.kv_end[b])
+            logits[b, :, off + lo : off + hi] = raw[b, :, lo:hi]
+    probs = torch.exp2(logits - torch.logsumexp(torch.nan_to_num(logits, nan=-math.inf) / math.log2(math.e), -1,
+                                                keepdim=True) * math.log2(math.e))  # fmt: skip
+    return logits, torch.nan_to_num(probs, nan=0.0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_score_output_of_the_twin_and_the_kernel(case: str) -> None:
+    v_group, page_size, prefix = CASES[case]
+    stores = _stores(v_group, page_size, prefix, seed=21)
+    q, sm_scale = _query(seed=22), HEAD_DIM**-0.5
+    offsets, length = _score_layout(stores)
+    oracle, _ = _dense_logits_and_probs(q, stores, sm_scale, offsets, length)
+    written = ~oracle.isnan()
+    results = {}
+    for name, impl in (("twin", decode_attention_multi_reference), ("triton", decode_attention_multi_triton)):
+        scores = torch.full((q.shape[0], q.shape[1], length), SENTINEL, device=DEVICE)
+        out, lse = impl(q, _args(stores), sm_scale, scores=scores, score_offsets=offsets)
+        ref_out, ref_lse = decode_attention_multi_reference(q, _args(stores), sm_scale)
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)  # the output is unchanged by the option
+        assert torch.all(scores.cpu()[~written] == SENTINEL)  # columns no row attends are left alone
+        torch.testing.assert_close(scores.cpu().double()[written], oracle[written], atol=1e-4, rtol=1e-4)
+        results[name] = scores
+    torch.testing.assert_close(results["triton"], results["twin"], atol=1e-4, rtol=1e-4)
+
+
+def test_score_mass_equals_the_attention_probabilities() -> None:
+    """Logits written into a -inf buffer, turned into mass with the final lse: the float64 softmax summed over
+    each kv group's query heads; the Triton mass kernel equals the twin."""
+    from kvpress.kernels.mass import add_score_mass_reference, add_score_mass_triton
+
+    stores = _stores(16, 16, True, seed=23)
+    q, sm_scale = _query(seed=24), HEAD_DIM**-0.5
+    offsets, length = _score_layout(stores)
+    scores = torch.full((q.shape[0], q.shape[1], length), -math.inf, device=DEVICE)
+    _, lse = decode_attention_multi_reference(q, _args(stores), sm_scale, scores=scores, score_offsets=offsets)
+    _, probs = _dense_logits_and_probs(q, stores, sm_scale, offsets, length)
+    expected = probs.view(q.shape[0], KV_HEADS, GROUP, length).sum(2) + 1.0
+    for impl in (add_score_mass_reference, add_score_mass_triton):
+        mass = torch.ones(q.shape[0], KV_HEADS, length, device=DEVICE)
+        assert impl(mass, scores, lse, None) is mass  # in place
+        torch.testing.assert_close(mass.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_score_mass_skips_left_padding_and_rows_that_attended_nothing() -> None:
+    from kvpress.kernels.mass import add_score_mass_reference, add_score_mass_triton
+
+    gen = torch.Generator().manual_seed(25)
+    batch, kv_heads, group, length = 3, 2, 3, 300  # group 3: padded to 4 heads in the kernel; 2 token blocks
+    scores = torch.randn(batch, kv_heads * group, length, generator=gen).to(DEVICE)
+    lse = (torch.randn(batch, kv_heads * group, generator=gen) + 3).to(DEVICE)
+    lse[2, :group] = -math.inf  # a (row, kv head) that attended nothing adds nothing
+    kv_start = torch.tensor([0, 7, 299], device=DEVICE)
+    scores[1, :, :7] = math.nan  # padding columns are never written by the decode: must not be read
+    mass0 = torch.rand(batch, kv_heads, length, generator=gen).to(DEVICE)
+    results = [impl(mass0.clone(), scores, lse, kv_start) for impl in (add_score_mass_reference, add_score_mass_triton)]
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    expected = mass0.double() + torch.exp2(scores.double() - lse.double()[..., None] * math.log2(math.e)).view(
+        batch, kv_heads, group, length).sum(2)  # fmt: skip
+    expected[1, :, :7] = mass0[1, :, :7].double()
+    expected[2, :, :299] = mass0[2, :, :299].double()
+    expected[2, 0] = mass0[2, 0].double()
+    torch.testing.assert_close(results[0].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_score_arguments_are_checked() -> None:
+    stores = _stores(16, seed=26)
+    q = _query(seed=27)
+    offsets, length = _score_layout(stores)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.decode_attention_multi(q, _args(stores), 0.3, scores=torch.zeros(4, 4, length, dtype=torch.float16),
+                                       score_offsets=offsets)  # fmt: skip
+    with pytest.raises(ValueError, match="one int >= 0 per store"):
+        kernels.decode_attention_multi(q, _args(stores), 0.3, scores=torch.zeros(4, 4, length), score_offsets=(0,))
+    with pytest.raises(ValueError, match="without a scores"):
+        kernels.decode_attention_multi(q, _args(stores), 0.3, score_offsets=offsets)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.add_score_mass(torch.zeros(4, 1, 5), torch.zeros(4, 4, 6), torch.zeros(4, 4), None)

@@ -1,6 +1,8 @@
 """Fused attention kernels over the (quantized, paged) KV store, with torch twins; see dispatch for the choice."""
 from kvpress.kernels.dispatch import (
+    add_score_mass,
     attention_scores,
+    chunk_attention,
     decode_attention,
     decode_attention_multi,
     extend_attention,
@@ -10,7 +12,9 @@ from kvpress.kernels.dispatch import (
 )
 
 __all__ = [
+    "add_score_mass",
     "attention_scores",
+    "chunk_attention",
     "decode_attention",
     "decode_attention_multi",
     "extend_attention",

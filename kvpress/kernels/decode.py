@@ -52,11 +52,14 @@ def store_attention_reference(
     v_bits: int,
     k_group: int | None,
     v_group: int | None,
+    *,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin: q (B, Hq, Q, D) attends, unmasked, to stored tokens [kv_start, kv_end) of its row.
 
     Returns out (B, Hq, Q, D) float32 and natural-log lse (B, Hq, Q); empty rows give out 0, lse -inf.
-    Vectorised over tokens; query rows are processed in chunks to bound the score matrix.
+    Vectorised over tokens; query rows are processed in chunks to bound the score matrix. `causal`: query i
+    also sees only tokens j <= i (a prefill chunk attending its own tokens, stored as tokens 0..Q-1).
     """
     geo = check_store_args(
         q, k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group, v_group
@@ -80,6 +83,9 @@ def store_attention_reference(
     for r0 in range(0, rows, chunk):
         scores = torch.matmul(queries[:, :, r0 : r0 + chunk], keys.transpose(-1, -2)).mul_(sm_scale)
         scores.masked_fill_(invalid, -math.inf)
+        if causal:  # rows are (head, query) pairs, query-minor
+            query_index = torch.arange(r0, min(r0 + chunk, rows), device=q.device) % num_queries
+            scores.masked_fill_(positions[None, :] > query_index[:, None], -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)
         probs = scores.sub_(torch.nan_to_num(row_lse, neginf=0.0).unsqueeze(-1)).exp_()
         out_rows[:, :, r0 : r0 + chunk] = torch.matmul(probs, values)
@@ -137,14 +143,20 @@ def attend_split(
     stride_lb, stride_lh, stride_lq, stride_lsplit,
     b, kv_head, pid_m, start, end, split, num_splits, out_split,
     group, num_queries, page_size, qk_scale,
+    score_ptr, stride_sb, stride_sh, score_offset,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
     FACTOR_K: tl.constexpr, FACTOR_V: tl.constexpr, CONTIGUOUS: tl.constexpr, PAGE_SHIFT: tl.constexpr,
+    SCORES: tl.constexpr, CAUSAL: tl.constexpr,
 ):  # fmt: skip
     """The body of one split-K program, shared by the one-store and the multi-store (kernels/multi.py) kernels:
     BLOCK_M query rows (tile pid_m of kv head `kv_head` of row b) over split `split` of `num_splits` of the row's
     tokens [start, end) (start <= end); the partial goes to split column `out_split` of out / lse.
+    SCORES (decode, one query per row): also store each tile's log2-domain logits of head h at
+    score_ptr + b * stride_sb + h * stride_sh + score_offset + token (float32), for H2O's attention mass.
+    CAUSAL (a prefill chunk attending its own tokens): a row of query i sees tokens j <= i only, and the program
+    stops at the tile past its last query.
 
     Addressing (CONTIGUOUS, PAGE_SHIFT: tile_loads.token_pages) is specialised at compile time; the per-row and
     per-head parts of every field's address are computed once, before the tile loop."""
@@ -165,6 +177,8 @@ def attend_split(
     per_split = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, end)
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.max(tl.where(row_mask, queries, -1)) + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -209,6 +223,11 @@ def attend_split(
             scores = tl.dot(q_low, tl.trans(k_low), input_precision=PRECISION)
             scores += tl.dot(q_high, tl.trans(k_high), input_precision=PRECISION)
             scores = tl.where(token_mask[None, :], scores * qk_scale, float("-inf"))
+        if CAUSAL:
+            scores = tl.where(tokens[None, :] <= queries[:, None], scores, float("-inf"))
+        if SCORES:
+            score_rows = score_ptr + b.to(tl.int64) * stride_sb + heads.to(tl.int64) * stride_sh + score_offset
+            tl.store(score_rows[:, None] + tokens[None, :], scores, mask=row_mask[:, None] & token_mask[None, :])
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -261,7 +280,7 @@ def _split_attention_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, FP16_CODES: tl.constexpr,
     FACTOR_K: tl.constexpr = False, FACTOR_V: tl.constexpr = False,
-    CONTIGUOUS: tl.constexpr = False, PAGE_SHIFT: tl.constexpr = -1,
+    CONTIGUOUS: tl.constexpr = False, PAGE_SHIFT: tl.constexpr = -1, CAUSAL: tl.constexpr = False,
 ):  # fmt: skip
     """One program: BLOCK_M query rows (GQA heads x queries of one kv head) over one split of the row's tokens.
 
@@ -290,8 +309,9 @@ def _split_attention_kernel(
         stride_lb, stride_lh, stride_lq, stride_lsplit,
         b, kv_head, pid_m, start, end, split, num_splits, split,
         group, num_queries, page_size, qk_scale,
+        q_ptr, 0, 0, 0,  # no score output
         HALF, BLOCK_M, BLOCK_N, K_BITS, V_BITS, K_GROUP, V_GROUP, DOT_DTYPE, PRECISION, FP16_CODES, FACTOR_K, FACTOR_V,
-        CONTIGUOUS, PAGE_SHIFT,
+        CONTIGUOUS, PAGE_SHIFT, False, CAUSAL,
     )  # fmt: skip
 
 
@@ -386,8 +406,10 @@ def store_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     dequant: str | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of store_attention_reference (q (B, Hq, Q, D)); tile sizes and split count are tunable.
+    """Triton twin of store_attention_reference (q (B, Hq, Q, D), `causal` alike); tile sizes and split count are
+    tunable.
 
     Rows of one program are (GQA head, query) pairs of one kv head, so each K/V tile is loaded once per
     group. Splits > 1 write partials that a second kernel merges. `dequant` ("registers" | "factored", default
@@ -432,7 +454,7 @@ def store_attention_triton(
         HALF=head_dim // 2, BLOCK_M=block_m, BLOCK_N=block_n,
         K_BITS=k_bits, V_BITS=v_bits, K_GROUP=geo.k_group, V_GROUP=geo.v_group,
         DOT_DTYPE=dot_dtype, PRECISION=precision, FP16_CODES=fp16_codes, FACTOR_K=factor_k, FACTOR_V=factor_v,
-        CONTIGUOUS=contiguous, PAGE_SHIFT=page_shift,
+        CONTIGUOUS=contiguous, PAGE_SHIFT=page_shift, CAUSAL=causal,
         num_warps=num_warps or (4 if block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages or 2,
     )  # fmt: skip
     if num_splits > 1:

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from kvpress.kernels.decode import decode_attention_reference, decode_attention_triton
-from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
+from kvpress.kernels.extend import (
+    chunk_attention_reference,
+    chunk_attention_triton,
+    extend_attention_reference,
+    extend_attention_triton,
+)
+from kvpress.kernels.mass import add_score_mass_reference, add_score_mass_triton
 from kvpress.kernels.merge import merge_attention_states
 from kvpress.kernels.multi import decode_attention_multi_reference, decode_attention_multi_triton
 from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
@@ -60,16 +66,37 @@ def decode_attention_multi(
     stores: tuple[tuple, ...],
     sm_scale: float,
     out_dtype: torch.dtype | None = None,
+    *,
+    scores: torch.Tensor | None = None,
+    score_offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row/head over 1..4 stores at once (one split-K launch + one combine on Triton): q (B, Hq, D)
     -> out (B, Hq, D) float32 (or `out_dtype`), natural-log lse (B, Hq) float32, exactly merged over the stores.
 
     Each store is (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, k_bits, v_bits, k_group,
     v_group) as decode_attention takes them, except that kv_start / kv_end may be ints (same for every row) and
-    starts are clamped into [0, kv_end] (see kvpress.kernels.multi)."""
-    if kernel_backend(q.device) == "triton":
-        return decode_attention_multi_triton(q, stores, sm_scale, out_dtype)
-    return decode_attention_multi_reference(q, stores, sm_scale, out_dtype)
+    starts are clamped into [0, kv_end] (see kvpress.kernels.multi). With `scores` (float32 (B, Hq, L)), also
+    writes every attended token's log2-domain logit at column score_offsets[store] + token, for add_score_mass."""
+    impl = decode_attention_multi_triton if kernel_backend(q.device) == "triton" else decode_attention_multi_reference
+    return impl(q, stores, sm_scale, out_dtype, scores=scores, score_offsets=score_offsets)
+
+
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill chunk over its own full-precision tokens, causally: q (B, Hq, Q, D), k / v (B, Hkv, Q, D), rows'
+    real tokens from kv_start (B,) (left padding; None: none) -> out (B, Hq, Q, D), lse (B, Hq, Q) float32."""
+    impl = chunk_attention_triton if kernel_backend(q.device) == "triton" else chunk_attention_reference
+    return impl(q, k, v, kv_start, sm_scale)
+
+
+def add_score_mass(
+    mass: torch.Tensor, scores: torch.Tensor, lse: torch.Tensor, kv_start: torch.Tensor | None
+) -> torch.Tensor:
+    """H2O: add this step's attention mass (B, Hkv, L), from the logits decode_attention_multi stored in `scores`
+    and the final lse (B, Hq), to `mass` in place for tokens >= kv_start (left padding untouched)."""
+    impl = add_score_mass_triton if kernel_backend(mass.device) == "triton" else add_score_mass_reference
+    return impl(mass, scores, lse, kv_start)
 
 
 def extend_attention(
@@ -126,7 +153,9 @@ def quantize_store(*args: Any, **kwargs: Any) -> Any:
 
 
 __all__ = [
+    "add_score_mass",
     "attention_scores",
+    "chunk_attention",
     "decode_attention",
     "decode_attention_multi",
     "extend_attention",

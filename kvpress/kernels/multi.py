@@ -30,6 +30,7 @@ from kvpress.kernels.decode import (
     dot_operand_type,
 )
 from kvpress.kernels.factored import dequant_mode, factored_fields
+from kvpress.kernels.scores import raw_scores_reference
 from kvpress.kernels.store_access import check_store_args, store_addressing
 from kvpress.kernels.triton_compat import require_triton, tl, triton
 
@@ -53,6 +54,28 @@ def check_multi_args(q: torch.Tensor, stores: tuple[StoreArgs, ...]) -> list:
             )
         geos.append(check_store_args(q4, *store[:9], *store[9:], int_bounds=True))
     return geos
+
+
+def check_score_args(
+    q: torch.Tensor, stores: tuple[StoreArgs, ...], scores: torch.Tensor | None, score_offsets
+) -> None:
+    """The optional logits output: float32 (B, Hq, L) with unit stride over L, and one int offset >= 0 per store
+    (store token t lands at column offset + t; columns no row attends are left untouched)."""
+    if scores is None:
+        if score_offsets is not None:
+            raise ValueError("score_offsets given without a scores tensor to write")
+        return
+    if scores.dtype != torch.float32 or scores.dim() != 3 or tuple(scores.shape[:2]) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"scores must be float32 shaped (B, Hq, L) with (B, Hq) = {tuple(q.shape[:2])}; "
+            f"got {scores.dtype} {tuple(scores.shape)}"
+        )
+    if scores.shape[2] > 1 and scores.stride(2) != 1:
+        raise ValueError("scores must have unit stride along its last (token) dimension")
+    if score_offsets is None or len(score_offsets) != len(stores) or any(
+        not isinstance(o, int) or o < 0 for o in score_offsets
+    ):
+        raise ValueError(f"score_offsets needs one int >= 0 per store ({len(stores)}); got {score_offsets}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,19 +109,35 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
 
 
 def decode_attention_multi_reference(
-    q: torch.Tensor, stores: tuple[StoreArgs, ...], sm_scale: float, out_dtype: torch.dtype | None = None
+    q: torch.Tensor,
+    stores: tuple[StoreArgs, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    num_splits: tuple[int, ...] | None = None,
+    dequant: str | None = None,
+    scores: torch.Tensor | None = None,
+    score_offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin: the one-store twin per store, merged exactly. q (B, Hq, D) -> out (B, Hq, D) float32 (or
-    `out_dtype`), natural-log lse (B, Hq) float32."""
+    `out_dtype`), natural-log lse (B, Hq) float32. `num_splits` and `dequant` only tune the Triton kernel.
+
+    With `scores` (float32 (B, Hq, L)), also writes each attended token's logit in the log2 domain,
+    q.k * sm_scale * log2(e), at column score_offsets[store] + token (the pass H2O's mass needs, fused)."""
     check_multi_args(q, stores)
+    check_score_args(q, stores, scores, score_offsets)
     outs, lses = [], []
-    for k, v, ks, kz, vs, vz, table, start, end, k_bits, v_bits, k_group, v_group in stores:
+    for i, (k, v, ks, kz, vs, vz, table, start, end, k_bits, v_bits, k_group, v_group) in enumerate(stores):
         start, end = row_bounds(start, end, q.shape[0], q.device)
         out, lse = decode_attention_reference(
             q, k, v, ks, kz, vs, vz, table, start, end, sm_scale, k_bits, v_bits, k_group, v_group
         )
         outs.append(out)
         lses.append(lse)
+        if scores is not None:
+            t_begin, logits, valid = raw_scores_reference(q, k, ks, kz, table, start, end, sm_scale, k_bits, k_group)
+            columns = scores[:, :, score_offsets[i] + t_begin : score_offsets[i] + t_begin + logits.shape[2]]
+            columns.copy_(torch.where(valid[:, None, :], logits, columns))
     if len(outs) == 1:
         out, lse = outs[0], lses[0]
     else:
@@ -128,12 +167,14 @@ def _attend_store(
     stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
     stride_lb, stride_lh, stride_lq, stride_lsplit,
     b, kv_head, pid_m, split, first_split, split_end, group, num_queries, qk_scale,
+    score_ptr, stride_sb, stride_sh, soff,
     k, v, ks, kz, vs, vz, table, start, end,
     skp, skh, sks, skx, sksp, sksh, skss, sksg,
     svp, svh, svs, svx, svsp, svsh, svss, svsg, stb, page,
     KB: tl.constexpr, VB: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, DT: tl.constexpr,
     PR: tl.constexpr, F16: tl.constexpr, FK: tl.constexpr, FV: tl.constexpr, SR: tl.constexpr, ER: tl.constexpr,
     CT: tl.constexpr, PS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCORES: tl.constexpr,
 ):  # fmt: skip
     """Split `split` of the grid, which is local split `split - first_split` of this store's `split_end -
     first_split`: the row's bounds (start clamped into [0, end]), then the shared split-K body."""
@@ -148,8 +189,8 @@ def _attend_store(
         stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
         stride_lb, stride_lh, stride_lq, stride_lsplit,
         b, kv_head, pid_m, lo, hi, split - first_split, split_end - first_split, split,
-        group, num_queries, page, qk_scale,
-        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV, CT, PS,
+        group, num_queries, page, qk_scale, score_ptr, stride_sb, stride_sh, soff,
+        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV, CT, PS, SCORES, False,
     )  # fmt: skip
 
 
@@ -162,20 +203,20 @@ def _multi_split_attention_kernel(
     stride_qb, stride_qh, stride_qq, stride_qd,
     stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
     stride_lb, stride_lh, stride_lq, stride_lsplit,
-    kv_heads, group, num_queries, qk_scale,
+    kv_heads, group, num_queries, qk_scale, score_ptr, stride_sb, stride_sh,
     k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
     skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
-    svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0, split_end0,
+    svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0, split_end0, soff0,
     k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
     skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
-    svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1, split_end1,
+    svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1, split_end1, soff1,
     k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
     skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
-    svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2, split_end2,
+    svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2, split_end2, soff2,
     k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
     skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
-    svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3, split_end3,
-    NUM_STORES: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3, split_end3, soff3,
+    NUM_STORES: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
     KB0: tl.constexpr, VB0: tl.constexpr, KG0: tl.constexpr, VG0: tl.constexpr, DT0: tl.constexpr,
     PR0: tl.constexpr, F160: tl.constexpr, FK0: tl.constexpr, FV0: tl.constexpr, SR0: tl.constexpr, ER0: tl.constexpr,
     CT0: tl.constexpr, PS0: tl.constexpr,
@@ -204,11 +245,12 @@ def _multi_split_attention_kernel(
             q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
             stride_ob, stride_oh, stride_oq, stride_osplit, stride_od, stride_lb, stride_lh, stride_lq, stride_lsplit,
             b, kv_head, pid_m, split, 0, split_end0, group, num_queries, qk_scale,
+            score_ptr, stride_sb, stride_sh, soff0,
             k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
             skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
             svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0,
             KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, CT0, PS0,
-            HALF, BLOCK_M, BLOCK_N,
+            HALF, BLOCK_M, BLOCK_N, SCORES,
         )  # fmt: skip
     if NUM_STORES > 1:
         if (split >= split_end0) & (split < split_end1):
@@ -217,11 +259,12 @@ def _multi_split_attention_kernel(
                 stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
                 stride_lb, stride_lh, stride_lq, stride_lsplit,
                 b, kv_head, pid_m, split, split_end0, split_end1, group, num_queries, qk_scale,
+                score_ptr, stride_sb, stride_sh, soff1,
                 k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
                 skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
                 svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1,
                 KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, CT1, PS1,
-                HALF, BLOCK_M, BLOCK_N,
+                HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
     if NUM_STORES > 2:
         if (split >= split_end1) & (split < split_end2):
@@ -230,11 +273,12 @@ def _multi_split_attention_kernel(
                 stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
                 stride_lb, stride_lh, stride_lq, stride_lsplit,
                 b, kv_head, pid_m, split, split_end1, split_end2, group, num_queries, qk_scale,
+                score_ptr, stride_sb, stride_sh, soff2,
                 k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
                 skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
                 svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2,
                 KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, CT2, PS2,
-                HALF, BLOCK_M, BLOCK_N,
+                HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
     if NUM_STORES > 3:
         if (split >= split_end2) & (split < split_end3):
@@ -243,11 +287,12 @@ def _multi_split_attention_kernel(
                 stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
                 stride_lb, stride_lh, stride_lq, stride_lsplit,
                 b, kv_head, pid_m, split, split_end2, split_end3, group, num_queries, qk_scale,
+                score_ptr, stride_sb, stride_sh, soff3,
                 k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
                 skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
                 svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3,
                 KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, CT3, PS3,
-                HALF, BLOCK_M, BLOCK_N,
+                HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
 
 
@@ -276,10 +321,12 @@ def multi_tiles(rows: int, head_dim: int) -> tuple[int, int, int]:
 
 _SHARED_RUNTIME = ("q_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh", "stride_qq", "stride_qd", "stride_ob",
                    "stride_oh", "stride_oq", "stride_osplit", "stride_od", "stride_lb", "stride_lh", "stride_lq",
-                   "stride_lsplit", "kv_heads", "group", "num_queries", "qk_scale")  # fmt: skip
+                   "stride_lsplit", "kv_heads", "group", "num_queries", "qk_scale", "score_ptr", "stride_sb",
+                   "stride_sh")  # fmt: skip
 _SLOT_RUNTIME = ("k", "v", "ks", "kz", "vs", "vz", "table", "start", "end", "skp", "skh", "sks", "skx", "sksp", "sksh",
-                 "skss", "sksg", "svp", "svh", "svs", "svx", "svsp", "svsh", "svss", "svsg", "stb", "page", "split_end")
-_SHARED_CONSTEXPRS = ("NUM_STORES", "HALF", "BLOCK_M", "BLOCK_N")
+                 "skss", "sksg", "svp", "svh", "svs", "svx", "svsp", "svsh", "svss", "svsg", "stb", "page", "split_end",
+                 "soff")
+_SHARED_CONSTEXPRS = ("NUM_STORES", "HALF", "BLOCK_M", "BLOCK_N", "SCORES")
 _SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER", "CT", "PS")
 
 
@@ -297,7 +344,9 @@ def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None) -> tuple:
     return scale, zero, *scale.stride()
 
 
-def _slot_args(store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: int) -> tuple[list, list]:
+def _slot_args(
+    store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: int, score_offset: int
+) -> tuple[list, list]:
     """Runtime arguments (_SLOT_RUNTIME) and constexprs (_SLOT_CONSTEXPRS) of one store slot of the kernel."""
     k, v, k_scale, k_zero, v_scale, v_zero, table, start, end, k_bits, v_bits, _, _ = store
     ks, kz, *ks_strides = _scale_args(k_scale, k_zero)
@@ -306,7 +355,7 @@ def _slot_args(store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: 
     factor_k, factor_v = factored_fields(dequant, geo.head_dim, k_bits, v_bits, geo.k_group, geo.v_group)
     contiguous, page_shift = store_addressing(table, geo.page_size)
     runtime = [k, v, ks, kz, vs, vz, table, start, end, *k.stride(), *ks_strides, *v.stride(), *vs_strides,
-               table.stride(0), geo.page_size, split_end]  # fmt: skip
+               table.stride(0), geo.page_size, split_end, score_offset]  # fmt: skip
     constexprs = [k_bits, v_bits, geo.k_group, geo.v_group, dot_dtype, precision, fp16_codes, factor_k, factor_v,
                   isinstance(start, torch.Tensor), isinstance(end, torch.Tensor), contiguous, page_shift]  # fmt: skip
     return runtime, constexprs
@@ -320,14 +369,18 @@ def decode_attention_multi_triton(
     *,
     num_splits: tuple[int, ...] | None = None,
     dequant: str | None = None,
+    scores: torch.Tensor | None = None,
+    score_offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-decoding over 1..4 stores in one split-K launch (+ one combine launch when there are >1 splits):
     q (B, Hq, D) -> out (B, Hq, D) float32 (or `out_dtype`, cast in the kernel), natural-log lse (B, Hq) float32.
 
     `num_splits` (one count >= 1 per store) overrides the capacity-proportional split counts; `dequant` as in
-    store_attention_triton. Row bounds are trusted (the twin checks them)."""
+    store_attention_triton; `scores` / `score_offsets` as in the twin (the logits are stored from the tiles the
+    kernel already holds: no second pass over the keys). Row bounds are trusted (the twin checks them)."""
     require_triton()
     geos = check_multi_args(q, stores)
+    check_score_args(q, stores, scores, score_offsets)
     geo = geos[0]
     check_triton_head_dim(geo.head_dim)
     batch, q_heads, head_dim = q.shape
@@ -356,19 +409,20 @@ def decode_attention_multi_triton(
     mode = dequant_mode(dequant)
     # All positional, in the order of launch_arg_names(): binding ~50 constexprs by keyword costs more host time than
     # the rest of the launch.
+    score_args = (0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1))
     args = [q, part_out, part_lse, q.stride(0), q.stride(1), 0, q.stride(2), *out_strides, *lse_strides,
-            geo.kv_heads, geo.group, 1, sm_scale * LOG2E]  # fmt: skip
+            geo.kv_heads, geo.group, 1, sm_scale * LOG2E, *score_args]  # fmt: skip
     slot_constexprs = []
     split_end = 0
-    for store, g, count in zip(stores, geos, counts):
+    for i, (store, g, count) in enumerate(zip(stores, geos, counts)):
         split_end += count
-        runtime, constexprs = _slot_args(store, g, q, mode, split_end)
+        runtime, constexprs = _slot_args(store, g, q, mode, split_end, 0 if scores is None else score_offsets[i])
         args += runtime
         slot_constexprs += constexprs
     for _ in range(MAX_STORES - len(stores)):  # unused slots are never compiled: ints bind fastest
         args += [0] * len(_SLOT_RUNTIME)
         slot_constexprs += constexprs
-    args += [len(stores), head_dim // 2, block_m, block_n, *slot_constexprs]
+    args += [len(stores), head_dim // 2, block_m, block_n, scores is not None, *slot_constexprs]
     _multi_split_attention_kernel[(batch * geo.kv_heads, m_tiles, total)](
         *args, num_warps=4 if block_m * head_dim <= 64 * 128 else 8, num_stages=2
     )

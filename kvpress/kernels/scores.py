@@ -63,6 +63,35 @@ def attention_scores_reference(
     return out
 
 
+def raw_scores_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_zero: torch.Tensor | None,
+    block_table: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    sm_scale: float,
+    k_bits: int,
+    k_group: int | None,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Decode logits in the log2 domain, q.k * sm_scale * log2(e), of q (B, Hq, D) against stored tokens
+    [t_begin, t_end) (the span of all rows): (t_begin, logits (B, Hq, t_end - t_begin) float32, valid (B, span)
+    bool, True inside each row's [kv_start, kv_end)). What the fused decode writes when asked for scores."""
+    geo = check_store_args(
+        q[:, :, None], k, None, k_scale, k_zero, None, None, block_table, kv_start, kv_end, k_bits, 16, k_group, None
+    )
+    t_begin, t_end = token_span(kv_start, kv_end, block_table, geo.page_size)
+    t_end = max(t_end, t_begin)
+    batch, q_heads, head_dim = q.shape
+    keys = gather_dequantized(k, k_scale, k_zero, block_table, t_begin, t_end, k_bits, geo.k_group)
+    queries = q.float().reshape(batch, geo.kv_heads, geo.group, head_dim)
+    logits = torch.matmul(queries, keys.transpose(-1, -2)).mul_(sm_scale * LOG2E).reshape(batch, q_heads, -1)
+    positions = torch.arange(t_begin, t_end, device=q.device)
+    valid = (positions[None, :] >= kv_start[:, None]) & (positions[None, :] < kv_end[:, None])
+    return t_begin, logits, valid
+
+
 @triton.jit
 def _attention_scores_kernel(
     q_ptr, k_ptr, ks_ptr, kz_ptr, table_ptr, start_ptr, end_ptr, lse_ptr, out_ptr,
