@@ -23,7 +23,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .compress import compress, evict_before_decode, observe_chunk
-from .kernels import add_score_mass, chunk_attention, decode_attention_multi, kernel_backend, merge_attention_states
+from .kernels import (
+    add_score_mass,
+    decode_attention_multi,
+    extend_attention_multi,
+    kernel_backend,
+    merge_attention_states,
+)
+from .kernels.extend import chunk_store
 
 ATTENTION_NAME = "kvpress"
 DECODE_ENV = "KVPRESS_DECODE"  # "fused" (default): one kernel over all segments; "segments": one per segment + merges
@@ -133,7 +140,9 @@ def _accumulate_mass(layer, query, lse, scaling):
 
 
 def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):
-    """A chunk after stored tokens: kernels over each stored segment, exact attention within the chunk, merged."""
+    """A chunk after stored tokens: one multi-store kernel call over every stored segment, the shared prefix and the
+    chunk itself (causal) when the chunk's mask is plain causal after left padding; otherwise kernels per stored
+    segment + masked attention within the chunk, merged."""
     if layer.stored_length == 0 and layer.prefix is None:
         out, _ = sdpa_attention_forward(module, query, key, value, chunk_mask, dropout=dropout, scaling=scaling)
         layer.append(key, value, chunk_valid)
@@ -141,10 +150,16 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
     if layer.prefix is None and kernel_backend(query.device) == "reference":
         return _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling)
     causal, chunk_start = _causal_chunk(chunk_mask, chunk_valid, layer.sliding_window)
-    if causal:  # the kernel path: the chunk as a 16-bit store, causal in the kernel (no materialised logits)
-        out, lse = chunk_attention(query, key, value, chunk_start, scaling)
-    else:
-        out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
+    if causal:
+        stores = [seg.store_args(layer.kv_start, off) for seg, off in layer.kv.offsets() if seg.length]
+        if layer.prefix is not None:
+            stores.append(layer.prefix.store_args())
+        stores.append(chunk_store(key, value, chunk_start))
+        flags = (False,) * (len(stores) - 1) + (True,)
+        out, _ = extend_attention_multi(query, tuple(stores), scaling, out_dtype=query.dtype, causal=flags)
+        layer.append(key, value, chunk_valid)
+        return out.transpose(1, 2).contiguous()
+    out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
     for seg, off in layer.kv.offsets():
         if seg.length:
             out, lse = merge_attention_states(out, lse, *seg.attend(query, layer.kv_start, off, scaling))
@@ -172,7 +187,7 @@ _last_causal_check: list = [None, None]  # ((weak ref, version) of the mask, res
 
 def _causal_chunk(chunk_mask, chunk_valid, window) -> tuple[bool, torch.Tensor | None]:
     """(True, rows' first real chunk token (B,) or None) when the chunk's mask is plain causal attention after left
-    padding - what chunk_attention computes - else (False, None): sliding windows and other masks keep the
+    padding - what the kernels' causal chunk store computes - else (False, None): sliding windows and other masks keep the
     masked torch path. A given mask is compared once (one host sync per forward, not per layer)."""
     if window is not None:
         return False, None

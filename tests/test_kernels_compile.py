@@ -26,9 +26,9 @@ def _compile_for_sm90() -> None:
     from test_kernels_fixtures import make_store
 
     from kvpress.kernels.decode import decode_attention_triton
-    from kvpress.kernels.extend import chunk_attention_triton
+    from kvpress.kernels.extend import chunk_store
     from kvpress.kernels.mass import add_score_mass_triton
-    from kvpress.kernels.multi import decode_attention_multi_triton
+    from kvpress.kernels.multi import decode_attention_multi_triton, store_attention_multi_triton
 
     for head_dim, dtype, bounds_as_ints in ((64, torch.float16, True), (128, torch.bfloat16, False)):
         sink = make_store([0, 2], [4, 4], 2, head_dim, dtype=dtype, seed=1, device="cpu")
@@ -45,8 +45,10 @@ def _compile_for_sm90() -> None:
             scores = torch.empty(2, 8, 4 + 40 + 9, dtype=torch.float32)
             _, lse = decode_attention_multi_triton(q, tuple(stores[:3]), 0.1, scores=scores, score_offsets=(0, 4, 44))
             add_score_mass_triton(torch.zeros(2, 2, scores.shape[2]), scores, lse, torch.tensor([0, 2]))
-        chunk = torch.randn(2, 2, 70, head_dim).to(dtype)  # a prefill chunk over itself, causal
-        chunk_attention_triton(torch.randn(2, 8, 70, head_dim).to(dtype), chunk, chunk, torch.tensor([0, 5]), 0.1)
+        chunk = torch.randn(2, 2, 70, head_dim).to(dtype)  # extend: stored segments + the chunk itself, causal
+        store_attention_multi_triton(torch.randn(2, 8, 70, head_dim).to(dtype),
+                                     (*stores[:3], chunk_store(chunk, chunk, torch.tensor([0, 5]))), 0.1, dtype,
+                                     causal=(False, False, False, True))  # fmt: skip
         if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
             paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
             decode_attention_triton(q, *paged12.args(), 0.1, *paged12.bits())

@@ -8,8 +8,10 @@ import pytest
 import torch
 from test_kernels_fixtures import DEVICE, make_store, plain_attention
 
-from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
+import kvpress.kernels as kernels
+from kvpress.kernels.extend import chunk_store, extend_attention_reference, extend_attention_triton
 from kvpress.kernels.merge import merge_attention_states
+from kvpress.kernels.multi import store_attention_multi_reference, store_attention_multi_triton
 
 # (kv_heads, group, num_queries, head_dim, k_bits, v_bits, k_group, v_group, store dtype, page_size)
 CASES = {
@@ -93,7 +95,7 @@ def test_decode_shaped_query_is_rejected() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# chunk_attention: a prefill chunk over its own tokens, causally, after left padding (the kernel's CAUSAL mode)
+# The chunk as a causal store of the multi-store kernels (extend_attention_multi): alone, and after stored tokens
 # ----------------------------------------------------------------------------------------------------------
 def _chunk_inputs(batch, kv_heads, group, length, head_dim, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -103,58 +105,84 @@ def _chunk_inputs(batch, kv_heads, group, length, head_dim, dtype, seed):
     return (t.to(dtype).to(DEVICE) for t in (q, k, v))
 
 
-def _plain_causal(q, k, v, start, sm_scale):
-    """Float64 oracle: query i sees keys start[b] <= j <= i; rows that see nothing give out 0, lse -inf."""
+def _plain_causal(q, k, v, start, sm_scale, past_k=None, past_v=None, past_start=None):
+    """Float64 oracle: query i sees the past keys from past_start[b] and chunk keys start[b] <= j <= i; rows that
+    see nothing give out 0, lse -inf."""
     group = q.shape[1] // k.shape[1]
-    qd, kd, vd = (t.double().cpu() for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
-    length = q.shape[2]
+    length, n_past = q.shape[2], 0 if past_k is None else past_k.shape[2]
+    keys = k if past_k is None else torch.cat([past_k.to(k.dtype), k], dim=2)
+    values = v if past_v is None else torch.cat([past_v.to(v.dtype), v], dim=2)
+    qd, kd, vd = (t.double().cpu() for t in (q, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)))
     positions = torch.arange(length)
-    allowed = (positions[None, :] <= positions[:, None])[None, None] & (
+    chunk = (positions[None, :] <= positions[:, None])[None, None] & (
         positions[None, None, None, :] >= start.cpu()[:, None, None, None])  # fmt: skip
+    past = torch.arange(n_past)[None, None, None, :] >= (
+        torch.zeros(q.shape[0], dtype=torch.long) if past_start is None else past_start.cpu())[:, None, None, None]
+    allowed = torch.cat([past.expand(-1, 1, length, n_past), chunk.expand(q.shape[0], 1, length, length)], dim=-1)
     scores = (qd @ kd.transpose(-1, -2) * sm_scale).masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, -1)
     probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
     return probs @ vd, lse
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 4, 37, 32), (2, 1, 8, 70, 64), (1, 2, 1, 5, 128)])
-def test_chunk_attention_twin_and_kernel_equal_plain_causal_attention(shape) -> None:
-    from kvpress.kernels.extend import chunk_attention_reference, chunk_attention_triton
+IMPLS = {"twin": store_attention_multi_reference, "triton": store_attention_multi_triton}
 
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 37, 32), (2, 1, 8, 70, 64), (1, 2, 1, 5, 128)])
+def test_causal_chunk_store_equals_plain_causal_attention(impl, shape) -> None:
     batch, kv_heads, group, length, head_dim = shape
     q, k, v = _chunk_inputs(batch, kv_heads, group, length, head_dim, torch.float32, seed=sum(shape))
     start = torch.tensor([0, length // 3, length - 1][:batch], dtype=torch.int32, device=DEVICE)  # left padding
     sm_scale = head_dim**-0.5
+    out, lse = IMPLS[impl](q, (chunk_store(k, v, start),), sm_scale, causal=(True,))
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
     plain_out, plain_lse = _plain_causal(q, k, v, start, sm_scale)
-    for impl, tol in ((chunk_attention_reference, 1e-5), (chunk_attention_triton, 1e-4)):
-        out, lse = impl(q, k, v, start, sm_scale)
-        assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
-        torch.testing.assert_close(out.cpu().double(), plain_out, atol=tol, rtol=tol)
-        torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=tol, rtol=tol)  # -inf for padding queries
-    out, lse = chunk_attention_reference(q, k, v, None, sm_scale)  # None: no padding
+    tol = 1e-5 if impl == "twin" else 1e-4
+    torch.testing.assert_close(out.cpu().double(), plain_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=tol, rtol=tol)  # -inf for padding queries
+    out, _ = IMPLS[impl](q, (chunk_store(k, v, None),), sm_scale, causal=(True,))  # None: no padding
     torch.testing.assert_close(out.cpu().double(), _plain_causal(q, k, v, torch.zeros(batch), sm_scale)[0],
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+                               atol=tol, rtol=tol)  # fmt: skip
 
 
-def test_chunk_attention_in_half_precision() -> None:
-    from kvpress.kernels.extend import chunk_attention_reference, chunk_attention_triton
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_call_over_quantized_past_and_causal_chunk(impl) -> None:
+    """A quantized paged past (ragged starts: left padding) and the chunk (causal, padding reaching into it for
+    row 2) in one call, split over the stores, equal plain attention over the dense past + chunk."""
+    kv_heads, group, length, head_dim = 2, 4, 21, 64
+    past = make_store([0, 9, 4], [45, 45, 45], kv_heads, head_dim, 8, 4, 16, 32, torch.float32, 16, seed=3)
+    q, k, v = _chunk_inputs(3, kv_heads, group, length, head_dim, torch.float32, seed=4)
+    start = torch.tensor([0, 0, 6], dtype=torch.int32, device=DEVICE)
+    past_start = past.kv_start.clone()
+    past_start[2] = 45  # row 2 is all padding in the past: its first real token is in the chunk
+    stores = ((*past.args()[:7], past_start.to(DEVICE), past.kv_end, *past.bits()), chunk_store(k, v, start))
+    out, lse = IMPLS[impl](q, stores, 0.125, causal=(False, True))
+    dense_k, dense_v = past.dense_k[:, :, :45], past.dense_v[:, :, :45]  # the dense tokens beyond kv_end: capacity
+    plain_out, plain_lse = _plain_causal(q, k, v, start, 0.125, dense_k, dense_v, past_start)
+    torch.testing.assert_close(out.cpu().double(), plain_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=1e-4, rtol=1e-4)
 
+
+def test_causal_chunk_in_half_precision() -> None:
     q, k, v = _chunk_inputs(2, 2, 4, 33, 64, torch.float16, seed=7)
-    start = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
-    ref_out, ref_lse = chunk_attention_reference(q, k, v, start, 0.125)
-    out, lse = chunk_attention_triton(q, k, v, start, 0.125)
-    torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3)
+    stores = (chunk_store(k, v, torch.tensor([0, 3], device=DEVICE)),)
+    ref_out, ref_lse = store_attention_multi_reference(q, stores, 0.125, causal=(True,))
+    out, lse = store_attention_multi_triton(q, stores, 0.125, torch.float16, causal=(True,))
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
 
 
-def test_chunk_attention_rejects_mismatched_chunks() -> None:
-    from kvpress.kernels import chunk_attention
-
+def test_multi_store_extend_arguments_are_checked() -> None:
     q, k, v = _chunk_inputs(1, 1, 2, 8, 32, torch.float32, seed=8)
     with pytest.raises(ValueError, match="chunk k and v"):
-        chunk_attention(q, k[:, :, :7], v[:, :, :7], None, 0.1)
-    with pytest.raises(ValueError, match="extend q"):
-        chunk_attention(q[:, :, 0], k, v, None, 0.1)
+        chunk_store(k, v[:, :, :7], None)
+    with pytest.raises(ValueError, match="one bool per store"):
+        kernels.extend_attention_multi(q, (chunk_store(k, v, None),), 0.1, causal=(True, False))
+    with pytest.raises(ValueError, match="for decode"):
+        store_attention_multi_triton(q, (chunk_store(k, v, None),), 0.1, scores=torch.zeros(1, 2, 8),
+                                     score_offsets=(0,))  # fmt: skip
 
 
 def test_only_plain_causal_masks_take_the_kernel_path() -> None:
@@ -178,10 +206,11 @@ def test_only_plain_causal_masks_take_the_kernel_path() -> None:
     assert _causal_chunk(additive, _chunk_validity(additive), None)[0] is True
 
 
-def test_chunked_prefill_attends_the_chunk_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_prefill_is_one_kernel_call_per_layer_and_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     """A left-padded quantized batch prefilled in chunks (padding reaching into the second chunk) on the Triton
-    path: later chunks go through chunk_attention, never the masked torch path, and the logits match the torch path
-    (reference kernels: one SDPA over the dequantized past and the chunk)."""
+    path: each later chunk is one extend_attention_multi call per layer over the stored segments + the causal
+    chunk (never the masked torch path), and the logits match the torch path (reference kernels: one SDPA over
+    the dequantized past and the chunk)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import kvpress
@@ -189,8 +218,9 @@ def test_chunked_prefill_attends_the_chunk_with_the_kernel(monkeypatch: pytest.M
     from tiny_models import COMMON, left_padded_batch
 
     calls = []
-    real = attention.chunk_attention
-    monkeypatch.setattr(attention, "chunk_attention", lambda *a: calls.append(a[3]) or real(*a))
+    real = attention.extend_attention_multi
+    monkeypatch.setattr(attention, "extend_attention_multi", lambda q, stores, *a, **k: calls.append(
+        (len(stores), k["causal"], stores[-1][7].tolist())) or real(q, stores, *a, **k))  # fmt: skip
     monkeypatch.setattr(attention, "_chunk_attention", lambda *a: pytest.fail("masked torch path taken"))
     torch.manual_seed(0)
     model = kvpress.wrap(AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval())
@@ -204,8 +234,11 @@ def test_chunked_prefill_attends_the_chunk_with_the_kernel(monkeypatch: pytest.M
                                               max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
                                               prefill_chunk_size=16, output_logits=True,
                                               return_dict_in_generate=True)  # fmt: skip
-    assert len(calls) == model.config.num_hidden_layers  # the second chunk, once per layer, Triton run only
-    assert [c.tolist() for c in calls] == [[0, 4]] * len(calls)  # row 1: 20 padding tokens, 4 in the second chunk
+    # the second chunk, once per layer, Triton run only: the stored segments, then the chunk, causal (row 1: 20
+    # padding tokens, 4 of them in the second chunk)
+    assert len(calls) == model.config.num_hidden_layers
+    for n_stores, causal, chunk_start in calls:
+        assert n_stores >= 2 and causal == (False,) * (n_stores - 1) + (True,) and chunk_start == [0, 4]
     assert torch.equal(results["triton"].sequences, results["reference"].sequences)
     for a, b in zip(results["triton"].logits, results["reference"].logits):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

@@ -179,9 +179,9 @@ def test_dispatch_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(kernels.dispatch, name, lambda *a, **k: calls.append(1) or real(*a, **k))
         kernels.decode_attention_multi(q, _args(stores[:1]), 0.2)
         assert calls == [1]
-    with pytest.raises(ValueError, match="1 to 4 stores"):
+    with pytest.raises(ValueError, match="1 to 5 stores"):
         decode_attention_multi_reference(q, _args(stores) * 2, 0.2)
-    assert MAX_STORES == 4
+    assert MAX_STORES == 5
     with pytest.raises(ValueError, match="got 9 items"):
         decode_attention_multi_reference(q, (stores[0].args(),), 0.2)
     with pytest.raises(ValueError, match="int >= 0"):

@@ -2,10 +2,10 @@
 from kvpress.kernels.dispatch import (
     add_score_mass,
     attention_scores,
-    chunk_attention,
     decode_attention,
     decode_attention_multi,
     extend_attention,
+    extend_attention_multi,
     kernel_backend,
     merge_attention_states,
     quantize_store,
@@ -14,10 +14,10 @@ from kvpress.kernels.dispatch import (
 __all__ = [
     "add_score_mass",
     "attention_scores",
-    "chunk_attention",
     "decode_attention",
     "decode_attention_multi",
     "extend_attention",
+    "extend_attention_multi",
     "kernel_backend",
     "merge_attention_states",
     "quantize_store",

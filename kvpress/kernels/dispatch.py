@@ -9,15 +9,15 @@ from typing import Any
 import torch
 
 from kvpress.kernels.decode import decode_attention_reference, decode_attention_triton
-from kvpress.kernels.extend import (
-    chunk_attention_reference,
-    chunk_attention_triton,
-    extend_attention_reference,
-    extend_attention_triton,
-)
+from kvpress.kernels.extend import extend_attention_reference, extend_attention_triton
 from kvpress.kernels.mass import add_score_mass_reference, add_score_mass_triton
 from kvpress.kernels.merge import merge_attention_states
-from kvpress.kernels.multi import decode_attention_multi_reference, decode_attention_multi_triton
+from kvpress.kernels.multi import (
+    decode_attention_multi_reference,
+    decode_attention_multi_triton,
+    store_attention_multi_reference,
+    store_attention_multi_triton,
+)
 from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
 from kvpress.kernels.triton_compat import HAS_TRITON
 
@@ -81,13 +81,20 @@ def decode_attention_multi(
     return impl(q, stores, sm_scale, out_dtype, scores=scores, score_offsets=score_offsets)
 
 
-def chunk_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None, sm_scale: float
+def extend_attention_multi(
+    q: torch.Tensor,
+    stores: tuple[tuple, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    causal: tuple[bool, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prefill chunk over its own full-precision tokens, causally: q (B, Hq, Q, D), k / v (B, Hkv, Q, D), rows'
-    real tokens from kv_start (B,) (left padding; None: none) -> out (B, Hq, Q, D), lse (B, Hq, Q) float32."""
-    impl = chunk_attention_triton if kernel_backend(q.device) == "triton" else chunk_attention_reference
-    return impl(q, k, v, kv_start, sm_scale)
+    """A chunk of queries q (B, Hq, Q, D) over 1..5 stores at once (one split-K launch + one combine on Triton),
+    exactly merged -> out (B, Hq, Q, D) float32 (or `out_dtype`), natural-log lse (B, Hq, Q) float32. Stores as in
+    decode_attention_multi; `causal[s]`: query i sees only tokens j <= i of store s (the chunk itself, stored as
+    tokens 0..Q-1)."""
+    impl = store_attention_multi_triton if kernel_backend(q.device) == "triton" else store_attention_multi_reference
+    return impl(q, stores, sm_scale, out_dtype, causal=causal)
 
 
 def add_score_mass(
@@ -155,10 +162,10 @@ def quantize_store(*args: Any, **kwargs: Any) -> Any:
 __all__ = [
     "add_score_mass",
     "attention_scores",
-    "chunk_attention",
     "decode_attention",
     "decode_attention_multi",
     "extend_attention",
+    "extend_attention_multi",
     "kernel_backend",
     "merge_attention_states",
     "quantize_store",

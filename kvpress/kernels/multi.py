@@ -1,10 +1,10 @@
-"""Decode attention over several stores at once: one split-K launch and one combine launch for all of them.
+"""Attention over several stores at once: one split-K launch and one combine launch for all of them.
 
 A quantized layer keeps its tokens in up to three stores (fp16 sinks, the quantized middle, the fp16 window), plus a
-shared prefix read in place. Attending each store separately costs two launches per store and a merge per extra
-store; here the split axis of ONE grid is partitioned among the stores (each gets its own number of splits, about
-proportional to its capacity and at least one), every program picks its store's pointers and encoding from its
-split index, and writes its partial (out, lse) into one shared set of partial buffers that the existing combine
+shared prefix read in place; a prefill chunk also attends to itself, passed as one more (16-bit, causal) store.
+Attending each store separately costs two launches per store and a merge per extra store; here the split axis of
+ONE grid is partitioned among the stores (each gets its own number of splits, about proportional to its capacity
+and at least one), every program picks its store's pointers and encoding from its split index, and writes its partial (out, lse) into one shared set of partial buffers that the existing combine
 kernel merges exactly (log-sum-exp) - across splits and stores alike.
 
 A store is the argument tuple of the one-store kernels:
@@ -22,30 +22,34 @@ import torch
 from kvpress.kernels.decode import (
     LOG2E,
     _MAX_SPLITS,
+    _check_decode_query,
     _combine_splits_kernel,
     _target_programs,
     attend_split,
     check_triton_head_dim,
-    decode_attention_reference,
     dot_operand_type,
+    store_attention_reference,
 )
 from kvpress.kernels.factored import dequant_mode, factored_fields
 from kvpress.kernels.scores import raw_scores_reference
 from kvpress.kernels.store_access import check_store_args, store_addressing
 from kvpress.kernels.triton_compat import require_triton, tl, triton
 
-MAX_STORES = 4  # sinks, quantized middle, window, shared prefix
+MAX_STORES = 5  # sinks, quantized middle, window, shared prefix (+ the new chunk itself when extending)
 StoreArgs = tuple  # (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, bits x2, groups x2)
 
 
-def check_multi_args(q: torch.Tensor, stores: tuple[StoreArgs, ...]) -> list:
-    """Check q (B, Hq, D) and 1..MAX_STORES store tuples; return each store's StoreGeometry."""
-    if q.dim() != 3:
-        raise ValueError(f"decode q must be shaped (B, Hq, D); got {tuple(q.shape)}")
+def check_multi_args(q: torch.Tensor, stores: tuple[StoreArgs, ...], causal=None) -> list:
+    """Check q (B, Hq, D) (decode) or (B, Hq, Q, D), 1..MAX_STORES store tuples and the optional per-store causal
+    flags; return each store's StoreGeometry."""
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be shaped (B, Hq, D) (decode) or (B, Hq, Q, D); got {tuple(q.shape)}")
     if not 1 <= len(stores) <= MAX_STORES:
-        raise ValueError(f"decode_attention_multi takes 1 to {MAX_STORES} stores; got {len(stores)}")
+        raise ValueError(f"multi-store attention takes 1 to {MAX_STORES} stores; got {len(stores)}")
+    if causal is not None and (len(causal) != len(stores) or not all(isinstance(c, bool) for c in causal)):
+        raise ValueError(f"causal needs one bool per store ({len(stores)}); got {causal}")
     geos = []
-    q4 = q.unsqueeze(2)
+    q4 = q if q.dim() == 4 else q.unsqueeze(2)
     for i, store in enumerate(stores):
         if len(store) != 13:
             raise ValueError(
@@ -108,6 +112,36 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     return out, lse
 
 
+def store_attention_multi_reference(
+    q: torch.Tensor,
+    stores: tuple[StoreArgs, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    causal: tuple[bool, ...] | None = None,
+    num_splits: tuple[int, ...] | None = None,
+    dequant: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin: q (B, Hq, Q, D) over 1..MAX_STORES stores, the one-store twin per store merged exactly ->
+    out (B, Hq, Q, D) float32 (or `out_dtype`), natural-log lse (B, Hq, Q) float32. `causal[s]`: query i sees
+    only tokens j <= i of store s (a prefill chunk stored as tokens 0..Q-1). `num_splits` and `dequant` only tune
+    the Triton kernel."""
+    check_multi_args(q, stores, causal)
+    if q.dim() != 4:
+        raise ValueError(f"q must be shaped (B, Hq, Q, D); got {tuple(q.shape)} (decode: decode_attention_multi)")
+    outs, lses = [], []
+    for i, (k, v, ks, kz, vs, vz, table, start, end, k_bits, v_bits, k_group, v_group) in enumerate(stores):
+        start, end = row_bounds(start, end, q.shape[0], q.device)
+        out, lse = store_attention_reference(
+            q, k, v, ks, kz, vs, vz, table, start, end, sm_scale, k_bits, v_bits, k_group, v_group,
+            causal=bool(causal and causal[i]),
+        )  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_partials(torch.stack(outs), torch.stack(lses))
+    return (out if out_dtype is None else out.to(out_dtype)), lse
+
+
 def decode_attention_multi_reference(
     q: torch.Tensor,
     stores: tuple[StoreArgs, ...],
@@ -119,30 +153,21 @@ def decode_attention_multi_reference(
     scores: torch.Tensor | None = None,
     score_offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin: the one-store twin per store, merged exactly. q (B, Hq, D) -> out (B, Hq, D) float32 (or
-    `out_dtype`), natural-log lse (B, Hq) float32. `num_splits` and `dequant` only tune the Triton kernel.
+    """Torch twin of decode: q (B, Hq, D) -> out (B, Hq, D) float32 (or `out_dtype`), natural-log lse (B, Hq).
 
     With `scores` (float32 (B, Hq, L)), also writes each attended token's logit in the log2 domain,
     q.k * sm_scale * log2(e), at column score_offsets[store] + token (the pass H2O's mass needs, fused)."""
-    check_multi_args(q, stores)
+    _check_decode_query(q)
     check_score_args(q, stores, scores, score_offsets)
-    outs, lses = [], []
-    for i, (k, v, ks, kz, vs, vz, table, start, end, k_bits, v_bits, k_group, v_group) in enumerate(stores):
-        start, end = row_bounds(start, end, q.shape[0], q.device)
-        out, lse = decode_attention_reference(
-            q, k, v, ks, kz, vs, vz, table, start, end, sm_scale, k_bits, v_bits, k_group, v_group
-        )
-        outs.append(out)
-        lses.append(lse)
-        if scores is not None:
+    out, lse = store_attention_multi_reference(q[:, :, None], stores, sm_scale, out_dtype)
+    if scores is not None:
+        for store, offset in zip(stores, score_offsets):
+            k, _, ks, kz, _, _, table, start, end, k_bits, _, k_group, _ = store
+            start, end = row_bounds(start, end, q.shape[0], q.device)
             t_begin, logits, valid = raw_scores_reference(q, k, ks, kz, table, start, end, sm_scale, k_bits, k_group)
-            columns = scores[:, :, score_offsets[i] + t_begin : score_offsets[i] + t_begin + logits.shape[2]]
+            columns = scores[:, :, offset + t_begin : offset + t_begin + logits.shape[2]]
             columns.copy_(torch.where(valid[:, None, :], logits, columns))
-    if len(outs) == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        out, lse = merge_partials(torch.stack(outs), torch.stack(lses))
-    return (out if out_dtype is None else out.to(out_dtype)), lse
+    return out[:, :, 0], lse[:, :, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,8 +198,8 @@ def _attend_store(
     svp, svh, svs, svx, svsp, svsh, svss, svsg, stb, page,
     KB: tl.constexpr, VB: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, DT: tl.constexpr,
     PR: tl.constexpr, F16: tl.constexpr, FK: tl.constexpr, FV: tl.constexpr, SR: tl.constexpr, ER: tl.constexpr,
-    CT: tl.constexpr, PS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCORES: tl.constexpr,
+    CT: tl.constexpr, PS: tl.constexpr, CS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     """Split `split` of the grid, which is local split `split - first_split` of this store's `split_end -
     first_split`: the row's bounds (start clamped into [0, end]), then the shared split-K body."""
@@ -190,7 +215,7 @@ def _attend_store(
         stride_lb, stride_lh, stride_lq, stride_lsplit,
         b, kv_head, pid_m, lo, hi, split - first_split, split_end - first_split, split,
         group, num_queries, page, qk_scale, score_ptr, stride_sb, stride_sh, soff,
-        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV, CT, PS, SCORES, False,
+        HALF, BLOCK_M, BLOCK_N, KB, VB, KG, VG, DT, PR, F16, FK, FV, CT, PS, SCORES, CS,
     )  # fmt: skip
 
 
@@ -216,25 +241,32 @@ def _multi_split_attention_kernel(
     k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
     skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
     svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3, split_end3, soff3,
+    k4, v4, ks4, kz4, vs4, vz4, table4, start4, end4,
+    skp4, skh4, sks4, skx4, sksp4, sksh4, skss4, sksg4,
+    svp4, svh4, svs4, svx4, svsp4, svsh4, svss4, svsg4, stb4, page4, split_end4, soff4,
     NUM_STORES: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
     KB0: tl.constexpr, VB0: tl.constexpr, KG0: tl.constexpr, VG0: tl.constexpr, DT0: tl.constexpr,
-    PR0: tl.constexpr, F160: tl.constexpr, FK0: tl.constexpr, FV0: tl.constexpr, SR0: tl.constexpr, ER0: tl.constexpr,
-    CT0: tl.constexpr, PS0: tl.constexpr,
+    PR0: tl.constexpr, F160: tl.constexpr, FK0: tl.constexpr, FV0: tl.constexpr, SR0: tl.constexpr,
+    ER0: tl.constexpr, CT0: tl.constexpr, PS0: tl.constexpr, CS0: tl.constexpr,
     KB1: tl.constexpr, VB1: tl.constexpr, KG1: tl.constexpr, VG1: tl.constexpr, DT1: tl.constexpr,
-    PR1: tl.constexpr, F161: tl.constexpr, FK1: tl.constexpr, FV1: tl.constexpr, SR1: tl.constexpr, ER1: tl.constexpr,
-    CT1: tl.constexpr, PS1: tl.constexpr,
+    PR1: tl.constexpr, F161: tl.constexpr, FK1: tl.constexpr, FV1: tl.constexpr, SR1: tl.constexpr,
+    ER1: tl.constexpr, CT1: tl.constexpr, PS1: tl.constexpr, CS1: tl.constexpr,
     KB2: tl.constexpr, VB2: tl.constexpr, KG2: tl.constexpr, VG2: tl.constexpr, DT2: tl.constexpr,
-    PR2: tl.constexpr, F162: tl.constexpr, FK2: tl.constexpr, FV2: tl.constexpr, SR2: tl.constexpr, ER2: tl.constexpr,
-    CT2: tl.constexpr, PS2: tl.constexpr,
+    PR2: tl.constexpr, F162: tl.constexpr, FK2: tl.constexpr, FV2: tl.constexpr, SR2: tl.constexpr,
+    ER2: tl.constexpr, CT2: tl.constexpr, PS2: tl.constexpr, CS2: tl.constexpr,
     KB3: tl.constexpr, VB3: tl.constexpr, KG3: tl.constexpr, VG3: tl.constexpr, DT3: tl.constexpr,
-    PR3: tl.constexpr, F163: tl.constexpr, FK3: tl.constexpr, FV3: tl.constexpr, SR3: tl.constexpr, ER3: tl.constexpr,
-    CT3: tl.constexpr, PS3: tl.constexpr,
+    PR3: tl.constexpr, F163: tl.constexpr, FK3: tl.constexpr, FV3: tl.constexpr, SR3: tl.constexpr,
+    ER3: tl.constexpr, CT3: tl.constexpr, PS3: tl.constexpr, CS3: tl.constexpr,
+    KB4: tl.constexpr, VB4: tl.constexpr, KG4: tl.constexpr, VG4: tl.constexpr, DT4: tl.constexpr,
+    PR4: tl.constexpr, F164: tl.constexpr, FK4: tl.constexpr, FV4: tl.constexpr, SR4: tl.constexpr,
+    ER4: tl.constexpr, CT4: tl.constexpr, PS4: tl.constexpr, CS4: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one kv head over one split of one store. Store s owns grid splits
     [split_end{s-1}, split_end{s}) (split_end{-1} = 0); slots >= NUM_STORES are never compiled. Each slot has its
     own pointers, strides, page size and encoding constexprs (bits, groups, dot dtype, factored fields, whether
-    its start / end bounds are (B,) tensors (SR / ER) or scalars, and its addressing: CONTIGUOUS (CT) and
-    PAGE_SHIFT (PS), see store_access.store_addressing)."""
+    its start / end bounds are (B,) tensors (SR / ER) or scalars, its addressing: CONTIGUOUS (CT) and
+    PAGE_SHIFT (PS), see store_access.store_addressing, and whether it is attended causally (CS)). SCORES: decode
+    programs also store their logits (see attend_split)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -243,13 +275,14 @@ def _multi_split_attention_kernel(
     if split < split_end0:
         _attend_store(
             q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
-            stride_ob, stride_oh, stride_oq, stride_osplit, stride_od, stride_lb, stride_lh, stride_lq, stride_lsplit,
+            stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+            stride_lb, stride_lh, stride_lq, stride_lsplit,
             b, kv_head, pid_m, split, 0, split_end0, group, num_queries, qk_scale,
             score_ptr, stride_sb, stride_sh, soff0,
             k0, v0, ks0, kz0, vs0, vz0, table0, start0, end0,
             skp0, skh0, sks0, skx0, sksp0, sksh0, skss0, sksg0,
             svp0, svh0, svs0, svx0, svsp0, svsh0, svss0, svsg0, stb0, page0,
-            KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, CT0, PS0,
+            KB0, VB0, KG0, VG0, DT0, PR0, F160, FK0, FV0, SR0, ER0, CT0, PS0, CS0,
             HALF, BLOCK_M, BLOCK_N, SCORES,
         )  # fmt: skip
     if NUM_STORES > 1:
@@ -263,7 +296,7 @@ def _multi_split_attention_kernel(
                 k1, v1, ks1, kz1, vs1, vz1, table1, start1, end1,
                 skp1, skh1, sks1, skx1, sksp1, sksh1, skss1, sksg1,
                 svp1, svh1, svs1, svx1, svsp1, svsh1, svss1, svsg1, stb1, page1,
-                KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, CT1, PS1,
+                KB1, VB1, KG1, VG1, DT1, PR1, F161, FK1, FV1, SR1, ER1, CT1, PS1, CS1,
                 HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
     if NUM_STORES > 2:
@@ -277,7 +310,7 @@ def _multi_split_attention_kernel(
                 k2, v2, ks2, kz2, vs2, vz2, table2, start2, end2,
                 skp2, skh2, sks2, skx2, sksp2, sksh2, skss2, sksg2,
                 svp2, svh2, svs2, svx2, svsp2, svsh2, svss2, svsg2, stb2, page2,
-                KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, CT2, PS2,
+                KB2, VB2, KG2, VG2, DT2, PR2, F162, FK2, FV2, SR2, ER2, CT2, PS2, CS2,
                 HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
     if NUM_STORES > 3:
@@ -291,7 +324,21 @@ def _multi_split_attention_kernel(
                 k3, v3, ks3, kz3, vs3, vz3, table3, start3, end3,
                 skp3, skh3, sks3, skx3, sksp3, sksh3, skss3, sksg3,
                 svp3, svh3, svs3, svx3, svsp3, svsh3, svss3, svsg3, stb3, page3,
-                KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, CT3, PS3,
+                KB3, VB3, KG3, VG3, DT3, PR3, F163, FK3, FV3, SR3, ER3, CT3, PS3, CS3,
+                HALF, BLOCK_M, BLOCK_N, SCORES,
+            )  # fmt: skip
+    if NUM_STORES > 4:
+        if (split >= split_end3) & (split < split_end4):
+            _attend_store(
+                q_ptr, out_ptr, lse_ptr, stride_qb, stride_qh, stride_qq, stride_qd,
+                stride_ob, stride_oh, stride_oq, stride_osplit, stride_od,
+                stride_lb, stride_lh, stride_lq, stride_lsplit,
+                b, kv_head, pid_m, split, split_end3, split_end4, group, num_queries, qk_scale,
+                score_ptr, stride_sb, stride_sh, soff4,
+                k4, v4, ks4, kz4, vs4, vz4, table4, start4, end4,
+                skp4, skh4, sks4, skx4, sksp4, sksh4, skss4, sksg4,
+                svp4, svh4, svs4, svx4, svsp4, svsh4, svss4, svsg4, stb4, page4,
+                KB4, VB4, KG4, VG4, DT4, PR4, F164, FK4, FV4, SR4, ER4, CT4, PS4, CS4,
                 HALF, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
 
@@ -327,7 +374,7 @@ _SLOT_RUNTIME = ("k", "v", "ks", "kz", "vs", "vz", "table", "start", "end", "skp
                  "skss", "sksg", "svp", "svh", "svs", "svx", "svsp", "svsh", "svss", "svsg", "stb", "page", "split_end",
                  "soff")
 _SHARED_CONSTEXPRS = ("NUM_STORES", "HALF", "BLOCK_M", "BLOCK_N", "SCORES")
-_SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER", "CT", "PS")
+_SLOT_CONSTEXPRS = ("KB", "VB", "KG", "VG", "DT", "PR", "F16", "FK", "FV", "SR", "ER", "CT", "PS", "CS")
 
 
 def launch_arg_names() -> list[str]:
@@ -345,7 +392,7 @@ def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None) -> tuple:
 
 
 def _slot_args(
-    store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: int, score_offset: int
+    store: StoreArgs, geo, q: torch.Tensor, dequant: str, split_end: int, score_offset: int, causal: bool
 ) -> tuple[list, list]:
     """Runtime arguments (_SLOT_RUNTIME) and constexprs (_SLOT_CONSTEXPRS) of one store slot of the kernel."""
     k, v, k_scale, k_zero, v_scale, v_zero, table, start, end, k_bits, v_bits, _, _ = store
@@ -357,8 +404,88 @@ def _slot_args(
     runtime = [k, v, ks, kz, vs, vz, table, start, end, *k.stride(), *ks_strides, *v.stride(), *vs_strides,
                table.stride(0), geo.page_size, split_end, score_offset]  # fmt: skip
     constexprs = [k_bits, v_bits, geo.k_group, geo.v_group, dot_dtype, precision, fp16_codes, factor_k, factor_v,
-                  isinstance(start, torch.Tensor), isinstance(end, torch.Tensor), contiguous, page_shift]  # fmt: skip
+                  isinstance(start, torch.Tensor), isinstance(end, torch.Tensor), contiguous, page_shift,
+                  causal]  # fmt: skip
     return runtime, constexprs
+
+
+def store_attention_multi_triton(
+    q: torch.Tensor,
+    stores: tuple[StoreArgs, ...],
+    sm_scale: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    causal: tuple[bool, ...] | None = None,
+    num_splits: tuple[int, ...] | None = None,
+    dequant: str | None = None,
+    scores: torch.Tensor | None = None,
+    score_offsets: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hq, Q, D) over 1..MAX_STORES stores in one split-K launch (+ one combine launch when there
+    are >1 splits) -> out (B, Hq, Q, D) float32 (or `out_dtype`, cast in the kernel), natural-log lse (B, Hq, Q).
+
+    `causal` as in the twin; `num_splits` (one count >= 1 per store) overrides the capacity-proportional split
+    counts; `dequant` as in store_attention_triton; `scores` / `score_offsets` (Q = 1 only) as in
+    decode_attention_multi_reference (the logits are stored from the tiles the kernel already holds: no second
+    pass over the keys). Row bounds are trusted (the twin checks them)."""
+    require_triton()
+    geos = check_multi_args(q, stores, causal)
+    if q.dim() != 4:
+        raise ValueError(f"q must be shaped (B, Hq, Q, D); got {tuple(q.shape)} (decode: decode_attention_multi)")
+    check_score_args(q, stores, scores, score_offsets)
+    if scores is not None and q.shape[2] != 1:
+        raise ValueError(f"scores are written for decode (one query per row) only; got {q.shape[2]} queries")
+    geo = geos[0]
+    check_triton_head_dim(geo.head_dim)
+    batch, q_heads, num_queries, head_dim = q.shape
+    out = torch.empty(batch, q_heads, num_queries, head_dim, dtype=out_dtype or torch.float32, device=q.device)
+    lse = torch.empty(batch, q_heads, num_queries, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, m_tiles = multi_tiles(geo.group * num_queries, head_dim)
+    if num_splits is None:
+        capacities = [store[6].shape[1] * g.page_size for store, g in zip(stores, geos)]
+        counts = multi_split_counts(capacities, batch * geo.kv_heads * m_tiles, block_n, _target_programs(q.device))
+    else:
+        counts = list(num_splits)
+        if len(counts) != len(stores) or min(counts) < 1:
+            raise ValueError(f"num_splits needs one count >= 1 per store; got {num_splits} for {len(stores)} stores")
+    total = sum(counts)
+    if total == 1:  # one store, one split: the program writes the final result itself
+        part_out, part_lse = out, lse
+        out_strides = (*out.stride()[:3], 0, out.stride(3))
+        lse_strides = (*lse.stride(), 0)
+    else:
+        part_out = torch.empty(batch, q_heads, num_queries, total, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, q_heads, num_queries, total, dtype=torch.float32, device=q.device)
+        out_strides, lse_strides = part_out.stride(), part_lse.stride()
+    mode = dequant_mode(dequant)
+    # All positional, in the order of launch_arg_names(): binding ~70 constexprs by keyword costs more host time than
+    # the rest of the launch.
+    score_args = (0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1))
+    args = [q, part_out, part_lse, *q.stride(), *out_strides, *lse_strides,
+            geo.kv_heads, geo.group, num_queries, sm_scale * LOG2E, *score_args]  # fmt: skip
+    slot_constexprs = []
+    split_end = 0
+    for i, (store, g, count) in enumerate(zip(stores, geos, counts)):
+        split_end += count
+        offset = 0 if scores is None else score_offsets[i]
+        runtime, constexprs = _slot_args(store, g, q, mode, split_end, offset, bool(causal and causal[i]))
+        args += runtime
+        slot_constexprs += constexprs
+    for _ in range(MAX_STORES - len(stores)):  # unused slots are never compiled: ints bind fastest
+        args += [0] * len(_SLOT_RUNTIME)
+        slot_constexprs += constexprs
+    args += [len(stores), head_dim // 2, block_m, block_n, scores is not None, *slot_constexprs]
+    _multi_split_attention_kernel[(batch * geo.kv_heads, m_tiles, total)](
+        *args, num_warps=4 if block_m * head_dim <= 64 * 128 else 8, num_stages=2
+    )
+    if total > 1:
+        _combine_splits_kernel[(batch * q_heads * num_queries,)](
+            part_out, part_lse, out, lse, total,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(total), num_warps=4,
+        )  # fmt: skip
+    return out, lse
 
 
 def decode_attention_multi_triton(
@@ -372,22 +499,12 @@ def decode_attention_multi_triton(
     scores: torch.Tensor | None = None,
     score_offsets: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash-decoding over 1..4 stores in one split-K launch (+ one combine launch when there are >1 splits):
-    q (B, Hq, D) -> out (B, Hq, D) float32 (or `out_dtype`, cast in the kernel), natural-log lse (B, Hq) float32.
-
-    `num_splits` (one count >= 1 per store) overrides the capacity-proportional split counts; `dequant` as in
-    store_attention_triton; `scores` / `score_offsets` as in the twin (the logits are stored from the tiles the
-    kernel already holds: no second pass over the keys). Row bounds are trusted (the twin checks them)."""
-    require_triton()
-    geos = check_multi_args(q, stores)
-    check_score_args(q, stores, scores, score_offsets)
-    geo = geos[0]
-    check_triton_head_dim(geo.head_dim)
-    batch, q_heads, head_dim = q.shape
-    out = torch.empty(batch, q_heads, head_dim, dtype=out_dtype or torch.float32, device=q.device)
-    lse = torch.empty(batch, q_heads, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
+    """Flash-decoding over 1..MAX_STORES stores (store_attention_multi_triton with one query per row): q (B, Hq, D)
+    -> out (B, Hq, D) float32 (or `out_dtype`), natural-log lse (B, Hq) float32."""
+    _check_decode_query(q)
+    out, lse = store_attention_multi_triton(q[:, :, None], stores, sm_scale, out_dtype, num_splits=num_splits,
+                                            dequant=dequant, scores=scores, score_offsets=score_offsets)  # fmt: skip
+    return out[:, :, 0], lse[:, :, 0]
     block_m, block_n, m_tiles = multi_tiles(geo.group, head_dim)
     if num_splits is None:
         capacities = [store[6].shape[1] * g.page_size for store, g in zip(stores, geos)]
