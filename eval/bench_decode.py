@@ -5,7 +5,7 @@ weights, nothing downloaded): DynamicCache vs KVPressCache(int8-int4) vs transfo
     python eval/bench_decode.py --contexts 32768 --batches 8 --profile   # + GPU busy time per step
 
 The H100 rows measured so far (eval/results/decode_e2e_h100_*.json) spend about 100 ms per step whatever the
-cache size and batch, far more than the bytes read need: `--profile` tells whether that time is the GPU's.
+cache, batch and context, far more than the bytes read need: `--profile` tells whether that time is the GPU's.
 
 Writes eval/results/decode_e2e.json and a PNG (tokens/s per configuration). CUDA only.
 """
