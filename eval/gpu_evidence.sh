@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU evidence of the kernels issue in stages that each fit one 10-minute command on a lent H100/H200 (the
+# device tool: carry `.whl`, see README "GPU evidence"). Results land in $OUT (default eval/results/gpu), named
+# after the device; commit the ones worth keeping under eval/results/ with the device in the name.
+#
+#   bash eval/gpu_evidence.sh setup tests     # install (no network: wheels in .whl/), kernel tests on CUDA
+#   bash eval/gpu_evidence.sh kernels         # bench_kernels --quick: registers vs factored, SDPA, QuantizedCache
+#   bash eval/gpu_evidence.sh tune            # bench_kernels --tune (tile sizes, warps, stages, splits)
+#   bash eval/gpu_evidence.sh decode          # bench_decode at 32k, batch 1 and 8, with the GPU busy time
+#   bash eval/gpu_evidence.sh decode-segments # the same with the per-segment decode, for comparison
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-eval/results/gpu}"
+mkdir -p "$OUT"
+PY="${PY:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # kvpress from this tree (no build step needed offline)
+device="$("$PY" -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else "none")')"
+
+for stage in "$@"; do
+  echo "== $stage ($device) $(date -u +%H:%M:%S)"
+  case "$stage" in
+    setup)  # the image has torch/triton; transformers and quanto come as wheels (nothing can be fetched there)
+      "$PY" -m pip install -q --no-deps .whl/*.whl
+      "$PY" -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)'
+      ;;
+    tests)  # twins vs Triton on the real GPU, the fused paths end to end
+      "$PY" -m pytest -q -x tests/test_kernels_*.py tests/test_quant_kernel.py 2>&1 | tail -20 | tee "$OUT/tests_$device.txt"
+      ;;
+    kernels)
+      "$PY" eval/bench_kernels.py --quick --dequant registers factored --tag "quick_$device"
+      cp eval/results/kernels_quick_"$device".* "$OUT"/
+      ;;
+    tune)
+      "$PY" eval/bench_kernels.py --tune --quick --tag "tune_$device"
+      cp eval/results/kernels_tune_"$device".json "$OUT"/
+      ;;
+    decode)
+      "$PY" eval/bench_decode.py --contexts 32768 --batches 1 8 --prefill-chunk 8192 --profile \
+        --out "$OUT/decode_e2e_${device}_32k.json"
+      ;;
+    decode-segments)
+      KVPRESS_DECODE=segments "$PY" eval/bench_decode.py --contexts 32768 --batches 1 8 --prefill-chunk 8192 \
+        --profile --caches kvpress:int8-int4 --out "$OUT/decode_e2e_${device}_32k_segments.json"
+      ;;
+    *)
+      echo "unknown stage $stage (setup, tests, kernels, tune, decode, decode-segments)" >&2
+      exit 2
+      ;;
+  esac
+done
