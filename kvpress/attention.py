@@ -187,13 +187,15 @@ _last_causal_check: list = [None, None]  # ((weak ref, version) of the mask, res
 
 def _causal_chunk(chunk_mask, chunk_valid, window) -> tuple[bool, torch.Tensor | None]:
     """(True, rows' first real chunk token (B,) or None) when the chunk's mask is plain causal attention after left
-    padding - what the kernels' causal chunk store computes - else (False, None): sliding windows and other masks keep the
-    masked torch path. A given mask is compared once (one host sync per forward, not per layer)."""
+    padding - what the kernels' causal chunk store computes - else (False, None): sliding windows and other masks
+    keep the masked torch path. A given mask is compared once (one host sync per forward, not per layer)."""
     if window is not None:
         return False, None
     if chunk_mask is None:
         return True, None
-    q_len = chunk_mask.shape[-1]
+    q_len = chunk_valid.shape[1]
+    if chunk_mask.dim() != 4 or chunk_mask.shape[-2:] != (q_len, q_len):
+        return False, None
     start = (q_len - chunk_valid.sum(dim=1)).to(torch.int32)
     checked = _last_causal_check[0]
     if checked is None or checked[0]() is not chunk_mask or checked[1] != chunk_mask._version:
