@@ -54,3 +54,12 @@ def test_quantize_store_routes_to_the_chosen_implementation(monkeypatch: pytest.
     x = torch.zeros(2)
     kernels.quantize_store(x, bits=8)
     assert len(calls) == 1 and calls[0][0] == backend and calls[0][1][0] is x and calls[0][2] == {"bits": 8}
+
+
+def test_host_launch_arithmetic_matches_triton() -> None:
+    """The launchers' plain-Python cdiv / next_power_of_2 (triton's are constexpr functions, ~2 us per host call)."""
+    triton = pytest.importorskip("triton")
+    from kvpress.kernels.triton_compat import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))

@@ -27,7 +27,7 @@ from kvpress.kernels.factored import (
 )
 from kvpress.kernels.store_access import check_store_args, gather_dequantized, store_addressing, token_span
 from kvpress.kernels.tile_loads import load_token_halves, row_page, token_pages, token_rows
-from kvpress.kernels.triton_compat import require_triton, tl, triton
+from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
 
 
 
@@ -426,13 +426,13 @@ def store_attention_triton(
     if out.numel() == 0:
         return out, lse
     rows = geo.group * num_queries
-    block_m = block_m or max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = block_m or max(16, min(64, next_power_of_2(rows)))
     block_n = block_n or (64 if block_m > 16 and head_dim <= 128 else 32)
-    m_tiles = triton.cdiv(rows, block_m)
+    m_tiles = cdiv(rows, block_m)
     capacity = block_table.shape[1] * geo.page_size
     if num_splits is None:
-        wanted = triton.cdiv(_target_programs(q.device), batch * geo.kv_heads * m_tiles)
-        num_splits = max(1, min(wanted, triton.cdiv(capacity, 4 * block_n), _MAX_SPLITS))
+        wanted = cdiv(_target_programs(q.device), batch * geo.kv_heads * m_tiles)
+        num_splits = max(1, min(wanted, cdiv(capacity, 4 * block_n), _MAX_SPLITS))
     if num_splits == 1:
         part_out, part_lse = out.unsqueeze(3), lse.unsqueeze(3)
     else:
@@ -460,7 +460,7 @@ def store_attention_triton(
     if num_splits > 1:
         _combine_splits_kernel[(batch * q_heads * num_queries,)](
             part_out, part_lse, out, lse, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), num_warps=4,
         )  # fmt: skip
     return out, lse
 

@@ -4,7 +4,7 @@ One small pass over B x Hq x L floats instead of a second pass over the keys."""
 import torch
 
 from kvpress.kernels.decode import LOG2E
-from kvpress.kernels.triton_compat import require_triton, tl, triton
+from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
 
 
 def check_mass_args(mass: torch.Tensor, scores: torch.Tensor, lse: torch.Tensor, kv_start: torch.Tensor | None):
@@ -77,10 +77,10 @@ def add_score_mass_triton(
         raise ValueError("mass and scores need unit stride along their last (token) dimension")
     group = scores.shape[1] // kv_heads
     block_t = 256
-    _add_score_mass_kernel[(batch * kv_heads, triton.cdiv(length, block_t))](
+    _add_score_mass_kernel[(batch * kv_heads, cdiv(length, block_t))](
         mass, scores, lse, kv_start if kv_start is not None else lse,
         mass.stride(0), mass.stride(1), scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
         kv_heads, group, length,
-        HAS_START=kv_start is not None, BLOCK_G=triton.next_power_of_2(group), BLOCK_T=block_t,
+        HAS_START=kv_start is not None, BLOCK_G=next_power_of_2(group), BLOCK_T=block_t,
     )  # fmt: skip
     return mass

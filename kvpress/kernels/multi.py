@@ -33,7 +33,7 @@ from kvpress.kernels.decode import (
 from kvpress.kernels.factored import dequant_mode, factored_fields
 from kvpress.kernels.scores import raw_scores_reference
 from kvpress.kernels.store_access import check_store_args, store_addressing
-from kvpress.kernels.triton_compat import require_triton, tl, triton
+from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
 
 MAX_STORES = 5  # sinks, quantized middle, window, shared prefix (+ the new chunk itself when extending)
 StoreArgs = tuple  # (k, v, k_scale, k_zero, v_scale, v_zero, block_table, kv_start, kv_end, bits x2, groups x2)
@@ -348,10 +348,10 @@ def multi_split_counts(
 ) -> list[int]:
     """Splits per store: the one-store rule's total (enough programs to fill the device, at most one split per
     4 * block_n tokens of capacity) shared out in proportion to capacity, at least 1 each, at most _MAX_SPLITS."""
-    wanted = triton.cdiv(target_programs, programs_per_split)
+    wanted = cdiv(target_programs, programs_per_split)
     total = max(1, sum(capacities))
     counts = [
-        max(1, min(triton.cdiv(cap, 4 * block_n), round(wanted * cap / total), _MAX_SPLITS)) for cap in capacities
+        max(1, min(cdiv(cap, 4 * block_n), round(wanted * cap / total), _MAX_SPLITS)) for cap in capacities
     ]
     while sum(counts) > _MAX_SPLITS:  # trim the largest share (every store keeps one split)
         counts[counts.index(max(counts))] -= 1
@@ -361,9 +361,9 @@ def multi_split_counts(
 def multi_tiles(rows: int, head_dim: int) -> tuple[int, int, int]:
     """(block_m, block_n, m_tiles) for `rows` query rows per kv head (GQA group x queries), as the one-store kernel
     picks them."""
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = max(16, min(64, next_power_of_2(rows)))
     block_n = 64 if block_m > 16 and head_dim <= 128 else 32
-    return block_m, block_n, triton.cdiv(rows, block_m)
+    return block_m, block_n, cdiv(rows, block_m)
 
 
 _SHARED_RUNTIME = ("q_ptr", "out_ptr", "lse_ptr", "stride_qb", "stride_qh", "stride_qq", "stride_qd", "stride_ob",
@@ -483,7 +483,7 @@ def store_attention_multi_triton(
     if total > 1:
         _combine_splits_kernel[(batch * q_heads * num_queries,)](
             part_out, part_lse, out, lse, total,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(total), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(total), num_warps=4,
         )  # fmt: skip
     return out, lse
 

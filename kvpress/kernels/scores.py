@@ -14,7 +14,7 @@ from kvpress.kernels.decode import (
     scale_pointer_args,
 )
 from kvpress.kernels.tile_loads import load_token_halves, row_page, token_pages, token_rows
-from kvpress.kernels.triton_compat import require_triton, tl, triton
+from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
 from kvpress.kernels.store_access import check_store_args, gather_dequantized, store_addressing, token_span
 
 
@@ -187,13 +187,13 @@ def attention_scores_triton(
     if out.numel() == 0:
         return out
     rows = geo.group * num_queries
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_m = max(16, min(64, next_power_of_2(rows)))
     block_n = 64 if head_dim <= 128 else 32
     ks, ks_strides = scale_pointer_args(k_scale, k)
     kz, _ = scale_pointer_args(k_zero, k)
     dot_dtype, precision, fp16_codes = dot_operand_type(q, [(k, k_bits)])
     contiguous, page_shift = store_addressing(block_table, geo.page_size)
-    grid = (batch * geo.kv_heads, triton.cdiv(num_tokens, block_n))
+    grid = (batch * geo.kv_heads, cdiv(num_tokens, block_n))
     _attention_scores_kernel[grid](
         q, k, ks, kz, block_table, kv_start, kv_end, lse, out,
         *q.stride(), *k.stride(), *ks_strides, block_table.stride(0), *lse.stride(), *out.stride(),

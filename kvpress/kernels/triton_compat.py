@@ -25,3 +25,13 @@ def require_triton() -> None:
     """Raise a clear error when a *_triton function is called without triton installed."""
     if not HAS_TRITON:
         raise ValueError("triton is not installed: use the *_reference kernels or set KVPRESS_KERNELS=reference")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic on the host (triton.cdiv is a constexpr function: ~2 us per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (0 for n <= 0, like triton.next_power_of_2), for host launch arithmetic (cdiv)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
