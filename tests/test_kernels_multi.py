@@ -356,3 +356,35 @@ def test_score_arguments_are_checked() -> None:
         kernels.decode_attention_multi(q, _args(stores), 0.3, score_offsets=offsets)
     with pytest.raises(ValueError, match="do not match"):
         kernels.add_score_mass(torch.zeros(4, 1, 5), torch.zeros(4, 4, 6), torch.zeros(4, 4), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch plans (kernels/launch_plans.py): a decode step re-launches the same stores with new bounds.
+# ----------------------------------------------------------------------------------------------------------
+def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
+    """Same store tensors, new int ends and a longer logit buffer at every call (as decode steps): one plan, and
+    every call equals the twin; a replaced store tensor gets a new plan; bounds are still checked on a hit."""
+    from kvpress.kernels.launch_plans import cached_plans, clear_plans
+
+    stores = _stores(16, seed=31)
+    q, sm_scale = _query(seed=32), HEAD_DIM**-0.5
+    base = list(_args(stores))
+    clear_plans()
+    for step, window_end in enumerate((5, 7, 9)):
+        window = (*base[2][:7], 0, window_end, *base[2][9:])  # int bounds: rows share them
+        args = (base[0], base[1], window)
+        offsets, length = _score_layout(stores)
+        length += step  # the logit buffer grows between calls, so do its strides
+        results = []
+        for impl in (decode_attention_multi_triton, decode_attention_multi_reference):
+            scores = torch.full((q.shape[0], q.shape[1], length), -math.inf, device=DEVICE)
+            results.append((*impl(q, args, sm_scale, scores=scores, score_offsets=offsets), scores))
+        for got, want in zip(results[0], results[1]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert cached_plans() == 1
+    replaced = (base[0], (base[1][0].clone(), *base[1][1:]), window)  # a store that grew: new tensors
+    out, _ = decode_attention_multi_triton(q, replaced, sm_scale)
+    torch.testing.assert_close(out, decode_attention_multi_reference(q, replaced, sm_scale)[0], atol=1e-4, rtol=1e-4)
+    assert cached_plans() == 2  # the replaced store's (without logits) beside the first
+    with pytest.raises(ValueError, match="int >= 0"):
+        decode_attention_multi_triton(q, (base[0], base[1], (*window[:8], -1, *window[9:])), sm_scale)

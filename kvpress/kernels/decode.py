@@ -458,11 +458,17 @@ def store_attention_triton(
         num_warps=num_warps or (4 if block_m * head_dim <= 64 * 128 else 8), num_stages=num_stages or 2,
     )  # fmt: skip
     if num_splits > 1:
-        _combine_splits_kernel[(batch * q_heads * num_queries,)](
-            part_out, part_lse, out, lse, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), num_warps=4,
-        )  # fmt: skip
+        combine_splits(part_out, part_lse, out, lse)
     return out, lse
+
+
+def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge contiguous split partials (..., splits, D) / (..., splits) into contiguous out (..., D) / lse (...)
+    with one launch of the combine kernel (one program per query row)."""
+    splits, head_dim = part_out.shape[-2:]
+    _combine_splits_kernel[(lse.numel(),)](
+        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(splits), num_warps=4
+    )
 
 
 def decode_attention_triton(

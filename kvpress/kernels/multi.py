@@ -23,7 +23,7 @@ from kvpress.kernels.decode import (
     LOG2E,
     _MAX_SPLITS,
     _check_decode_query,
-    _combine_splits_kernel,
+    combine_splits,
     _target_programs,
     attend_split,
     check_triton_head_dim,
@@ -31,6 +31,7 @@ from kvpress.kernels.decode import (
     store_attention_reference,
 )
 from kvpress.kernels.factored import dequant_mode, factored_fields
+from kvpress.kernels.launch_plans import LaunchPlan, check_bounds, find_plan, plan_key, remember_plan
 from kvpress.kernels.scores import raw_scores_reference
 from kvpress.kernels.store_access import check_store_args, store_addressing
 from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
@@ -427,21 +428,55 @@ def store_attention_multi_triton(
     `causal` as in the twin; `num_splits` (one count >= 1 per store) overrides the capacity-proportional split
     counts; `dequant` as in store_attention_triton; `scores` / `score_offsets` (Q = 1 only) as in
     decode_attention_multi_reference (the logits are stored from the tiles the kernel already holds: no second
-    pass over the keys). Row bounds are trusted (the twin checks them)."""
+    pass over the keys). Row bounds are trusted (the twin checks them). The launch plan is cached per stores
+    (launch_plans.py): repeated calls over the same store tensors skip the store checks and argument building."""
     require_triton()
-    geos = check_multi_args(q, stores, causal)
     if q.dim() != 4:
         raise ValueError(f"q must be shaped (B, Hq, Q, D); got {tuple(q.shape)} (decode: decode_attention_multi)")
-    check_score_args(q, stores, scores, score_offsets)
     if scores is not None and q.shape[2] != 1:
         raise ValueError(f"scores are written for decode (one query per row) only; got {q.shape[2]} queries")
-    geo = geos[0]
-    check_triton_head_dim(geo.head_dim)
+    splits = None if num_splits is None else tuple(num_splits)
+    key = plan_key(q, stores, (out_dtype, causal, scores is None, score_offsets, splits, dequant_mode(dequant),
+                               sm_scale))  # fmt: skip
+    plan = find_plan(key, stores)
+    if plan is None:
+        plan = _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, scores, score_offsets)
+    else:
+        check_bounds(stores, q.shape[0], q.device)
+    check_score_args(q, stores, scores, score_offsets)
     batch, q_heads, num_queries, head_dim = q.shape
     out = torch.empty(batch, q_heads, num_queries, head_dim, dtype=out_dtype or torch.float32, device=q.device)
     lse = torch.empty(batch, q_heads, num_queries, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    total = plan.total_splits
+    if total == 1:  # one store, one split: the program writes the final result itself
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty(batch, q_heads, num_queries, total, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, q_heads, num_queries, total, dtype=torch.float32, device=q.device)
+    args = list(plan.args)
+    args[0], args[1], args[2] = q, part_out, part_lse
+    if scores is not None:  # its length (and so its strides) grows with every decode step
+        args[_SCORE_ARG : _SCORE_ARG + 3] = scores, scores.stride(0), scores.stride(1)
+    for at, store in zip(plan.store_slots, stores):  # the store's tensors (0: no scale) and this call's bounds
+        args[at : at + 9] = [0 if t is None else t for t in store[:9]]
+    _multi_split_attention_kernel[plan.grid](*args, num_warps=plan.num_warps, num_stages=2)
+    if total > 1:
+        combine_splits(part_out, part_lse, out, lse)
+    return out, lse
+
+
+_SCORE_ARG = len(_SHARED_RUNTIME) - 3  # position of score_ptr in the argument list (then stride_sb, stride_sh)
+
+
+def _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, scores, score_offsets) -> LaunchPlan:
+    """Check everything and build the launch plan of a (query shape, stores) combination not seen before."""
+    geos = check_multi_args(q, stores, causal)
+    check_score_args(q, stores, scores, score_offsets)
+    geo = geos[0]
+    check_triton_head_dim(geo.head_dim)
+    batch, q_heads, num_queries, head_dim = q.shape
     block_m, block_n, m_tiles = multi_tiles(geo.group * num_queries, head_dim)
     if num_splits is None:
         capacities = [store[6].shape[1] * g.page_size for store, g in zip(stores, geos)]
@@ -451,41 +486,38 @@ def store_attention_multi_triton(
         if len(counts) != len(stores) or min(counts) < 1:
             raise ValueError(f"num_splits needs one count >= 1 per store; got {num_splits} for {len(stores)} stores")
     total = sum(counts)
-    if total == 1:  # one store, one split: the program writes the final result itself
-        part_out, part_lse = out, lse
-        out_strides = (*out.stride()[:3], 0, out.stride(3))
-        lse_strides = (*lse.stride(), 0)
+    # strides of the outputs the calls allocate: (B, Hq, Q, D) / (B, Hq, Q) written in place when one program per
+    # row does everything, else the (B, Hq, Q, splits, D) / (B, Hq, Q, splits) partials
+    if total == 1:
+        out_strides = (q_heads * num_queries * head_dim, num_queries * head_dim, head_dim, 0, 1)
+        lse_strides = (q_heads * num_queries, num_queries, 1, 0)
     else:
-        part_out = torch.empty(batch, q_heads, num_queries, total, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, q_heads, num_queries, total, dtype=torch.float32, device=q.device)
-        out_strides, lse_strides = part_out.stride(), part_lse.stride()
+        out_strides = (q_heads * num_queries * total * head_dim, num_queries * total * head_dim, total * head_dim,
+                       head_dim, 1)  # fmt: skip
+        lse_strides = (q_heads * num_queries * total, num_queries * total, total, 1)
     mode = dequant_mode(dequant)
     # All positional, in the order of launch_arg_names(): binding ~70 constexprs by keyword costs more host time than
     # the rest of the launch.
-    score_args = (0, 0, 0) if scores is None else (scores, scores.stride(0), scores.stride(1))
-    args = [q, part_out, part_lse, *q.stride(), *out_strides, *lse_strides,
+    score_args = (0, 0, 0) if scores is None else (None, None, None)  # patched per call
+    args = [None, None, None, *q.stride(), *out_strides, *lse_strides,
             geo.kv_heads, geo.group, num_queries, sm_scale * LOG2E, *score_args]  # fmt: skip
-    slot_constexprs = []
+    slot_constexprs, store_slots = [], []
     split_end = 0
     for i, (store, g, count) in enumerate(zip(stores, geos, counts)):
         split_end += count
         offset = 0 if scores is None else score_offsets[i]
         runtime, constexprs = _slot_args(store, g, q, mode, split_end, offset, bool(causal and causal[i]))
-        args += runtime
+        store_slots.append(len(args))  # k, v, scales, zeros, table, start, end: patched per call
+        args += [None] * 9 + runtime[9:]  # the plan keeps no tensor alive
         slot_constexprs += constexprs
     for _ in range(MAX_STORES - len(stores)):  # unused slots are never compiled: ints bind fastest
         args += [0] * len(_SLOT_RUNTIME)
         slot_constexprs += constexprs
     args += [len(stores), head_dim // 2, block_m, block_n, scores is not None, *slot_constexprs]
-    _multi_split_attention_kernel[(batch * geo.kv_heads, m_tiles, total)](
-        *args, num_warps=4 if block_m * head_dim <= 64 * 128 else 8, num_stages=2
-    )
-    if total > 1:
-        _combine_splits_kernel[(batch * q_heads * num_queries,)](
-            part_out, part_lse, out, lse, total,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(total), num_warps=4,
-        )  # fmt: skip
-    return out, lse
+    return remember_plan(key, stores, {
+        "args": args, "store_slots": store_slots, "grid": (batch * geo.kv_heads, m_tiles, total),
+        "num_warps": 4 if block_m * head_dim <= 64 * 128 else 8, "total_splits": total, "geo": geo,
+    })  # fmt: skip
 
 
 def decode_attention_multi_triton(
