@@ -362,8 +362,9 @@ def test_score_arguments_are_checked() -> None:
 # Launch plans (kernels/launch_plans.py): a decode step re-launches the same stores with new bounds.
 # ----------------------------------------------------------------------------------------------------------
 def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
-    """Same store tensors, new int ends and a longer logit buffer at every call (as decode steps): one plan, and
-    every call equals the twin; a replaced store tensor gets a new plan; bounds are still checked on a hit."""
+    """Same store tensors, new int ends, moved logit offsets and a longer logit buffer at every call (as decode
+    steps): one plan, and every call equals the twin; a replaced store tensor gets a new plan; bounds are still
+    checked on a hit."""
     from kvpress.kernels.launch_plans import cached_plans, clear_plans
 
     stores = _stores(16, seed=31)
@@ -374,6 +375,7 @@ def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
         window = (*base[2][:7], 0, window_end, *base[2][9:])  # int bounds: rows share them
         args = (base[0], base[1], window)
         offsets, length = _score_layout(stores)
+        offsets = (offsets[0], offsets[1] + step, offsets[2] + step)  # as when a segment before them grows
         length += step  # the logit buffer grows between calls, so do its strides
         results = []
         for impl in (decode_attention_multi_triton, decode_attention_multi_reference):

@@ -436,8 +436,7 @@ def store_attention_multi_triton(
     if scores is not None and q.shape[2] != 1:
         raise ValueError(f"scores are written for decode (one query per row) only; got {q.shape[2]} queries")
     splits = None if num_splits is None else tuple(num_splits)
-    key = plan_key(q, stores, (out_dtype, causal, scores is None, score_offsets, splits, dequant_mode(dequant),
-                               sm_scale))  # fmt: skip
+    key = plan_key(q, stores, (out_dtype, causal, scores is None, splits, dequant_mode(dequant), sm_scale))
     plan = find_plan(key, stores)
     if plan is None:
         plan = _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, scores, score_offsets)
@@ -457,8 +456,10 @@ def store_attention_multi_triton(
         part_lse = torch.empty(batch, q_heads, num_queries, total, dtype=torch.float32, device=q.device)
     args = list(plan.args)
     args[0], args[1], args[2] = q, part_out, part_lse
-    if scores is not None:  # its length (and so its strides) grows with every decode step
+    if scores is not None:  # its length (and so its strides) grows with every decode step, its offsets move
         args[_SCORE_ARG : _SCORE_ARG + 3] = scores, scores.stride(0), scores.stride(1)
+        for at, offset in zip(plan.store_slots, score_offsets):
+            args[at + _SOFF] = offset
     for at, store in zip(plan.store_slots, stores):  # the store's tensors (0: no scale) and this call's bounds
         args[at : at + 9] = [0 if t is None else t for t in store[:9]]
     _multi_split_attention_kernel[plan.grid](*args, num_warps=plan.num_warps, num_stages=2)
@@ -468,6 +469,7 @@ def store_attention_multi_triton(
 
 
 _SCORE_ARG = len(_SHARED_RUNTIME) - 3  # position of score_ptr in the argument list (then stride_sb, stride_sh)
+_SOFF = _SLOT_RUNTIME.index("soff")  # position of a store's logit column offset within its slot
 
 
 def _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, scores, score_offsets) -> LaunchPlan:
