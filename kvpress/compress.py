@@ -80,7 +80,7 @@ def evict_before_decode(layer) -> None:
     n_main = kv.main.length
     window_len = kv.window.length if kv.window is not None else 0
     mass_main = layer.mass[:, :, offset : offset + n_main]
-    valid_main = layer.valid_mask()[:, offset : offset + n_main]
+    valid_main = None if layer.kv_start is None else layer.valid_mask()[:, offset : offset + n_main]
     protected_sink, protected_recent = max(0, press.n_sink - offset), max(0, press.recent - window_len)
     # a left-padded quantized batch widens the fp sinks by its padding: the bound then exceeds max_tokens by it
     n_evict = min(n_evict, n_main - protected_sink - protected_recent)

@@ -85,6 +85,21 @@ def test_decode_victims_lowest_mass_outside_sinks_and_recent() -> None:
     assert idx.tolist() == [[[2, 4], [3, 5]]]
 
 
+@pytest.mark.parametrize("n_sink, recent", [(0, 0), (1, 2), (3, 0), (0, 4)])
+def test_decode_victims_without_padding_mask_equal_an_all_real_mask(n_sink: int, recent: int) -> None:
+    """valid=None (the decode fast path of a layer without padding) chooses what an all-True mask chooses, and
+    leaves the mass untouched (NaN and infinities included)."""
+    gen = torch.Generator().manual_seed(n_sink * 10 + recent)
+    mass = torch.rand(2, 3, 40, generator=gen)
+    mass[0, 0, 5], mass[1, 2, 7], mass[0, 1, 30] = float("nan"), float("inf"), float("-inf")
+    before = mass.clone()
+    for n_evict in (1, 5):
+        fast = decode_victims(mass, n_evict, n_sink, recent, None)
+        masked = decode_victims(mass, n_evict, n_sink, recent, torch.ones(2, 40, dtype=torch.bool))
+        assert torch.equal(fast, masked)
+    assert torch.equal(mass.nan_to_num(), before.nan_to_num()) and mass.isnan().sum() == 1
+
+
 def test_decode_victims_takes_padding_first_and_protects_real_sinks() -> None:
     mass = torch.tensor([[[7.0, 8.0, 0.0, 0.1, 5.0, 6.0, 0.0]]])
     valid = torch.tensor([[False, False, True, True, True, True, True]])

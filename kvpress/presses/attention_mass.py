@@ -140,16 +140,18 @@ def window_attention_mass(
 
 
 def decode_victims(
-    mass: torch.Tensor, n_evict: int, n_sink: int, recent: int, valid: torch.Tensor
+    mass: torch.Tensor, n_evict: int, n_sink: int, recent: int, valid: torch.Tensor | None
 ) -> torch.Tensor:
     """Indices (B, Hkv, n_evict) int64, sorted ascending, of the stored tokens to evict during decoding: padding first,
     then the real tokens with the lowest accumulated mass; the first n_sink real tokens and the last `recent` tokens of
-    each row are never chosen."""
+    each row are never chosen. `valid` None: no padding (every stored token is real; the protected tokens are then
+    plain slices, a few ops fewer per decode step)."""
     if mass.dim() != 3:
         raise ValueError(f"mass must have shape (B, Hkv, T); got {tuple(mass.shape)}")
     batch, _, n_tokens = mass.shape
     check_per_token_scores(mass, "mass", tuple(mass.shape))
-    check_valid_mask(valid, batch, n_tokens)
+    if valid is not None:
+        check_valid_mask(valid, batch, n_tokens)
     check_non_negative_int(n_sink, "n_sink")
     check_non_negative_int(recent, "recent")
     evictable = n_tokens - n_sink - recent
@@ -160,7 +162,13 @@ def decode_victims(
         )
     finite_max = torch.finfo(torch.float32).max
     ranked = torch.nan_to_num(mass.float(), nan=finite_max, posinf=finite_max, neginf=-finite_max)
-    ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
-    ranked = ranked.masked_fill(forced_keep_mask(valid, n_sink, recent)[:, None, :], float("inf"))
+    if valid is None:  # the first n_sink and last `recent` positions are the protected real tokens
+        if n_sink:
+            ranked[:, :, :n_sink] = float("inf")
+        if recent:
+            ranked[:, :, n_tokens - recent :] = float("inf")
+    else:
+        ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
+        ranked = ranked.masked_fill(forced_keep_mask(valid, n_sink, recent)[:, None, :], float("inf"))
     victims = torch.topk(ranked, n_evict, dim=-1, largest=False, sorted=False).indices
     return torch.sort(victims, dim=-1).values.to(torch.int64)
