@@ -390,3 +390,12 @@ def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
     assert cached_plans() == 2  # the replaced store's (without logits) beside the first
     with pytest.raises(ValueError, match="int >= 0"):
         decode_attention_multi_triton(q, (base[0], base[1], (*window[:8], -1, *window[9:])), sm_scale)
+
+
+def test_nothing_to_attend_launches_nothing() -> None:
+    """No query heads: empty outputs (no plan, no launch), the same from the twin."""
+    stores = _stores(16, seed=33)
+    q = _query(seed=34)[:, :0]
+    for impl in (decode_attention_multi_triton, decode_attention_multi_reference):
+        out, lse = impl(q, _args(stores), 0.3)
+        assert out.shape == (4, 0, HEAD_DIM) and lse.shape == (4, 0)

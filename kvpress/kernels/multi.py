@@ -435,19 +435,21 @@ def store_attention_multi_triton(
         raise ValueError(f"q must be shaped (B, Hq, Q, D); got {tuple(q.shape)} (decode: decode_attention_multi)")
     if scores is not None and q.shape[2] != 1:
         raise ValueError(f"scores are written for decode (one query per row) only; got {q.shape[2]} queries")
+    batch, q_heads, num_queries, head_dim = q.shape
+    out = torch.empty(batch, q_heads, num_queries, head_dim, dtype=out_dtype or torch.float32, device=q.device)
+    lse = torch.empty(batch, q_heads, num_queries, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:  # nothing to attend: check the arguments, launch nothing
+        check_multi_args(q, stores, causal)
+        check_score_args(q, stores, scores, score_offsets)
+        return out, lse
     splits = None if num_splits is None else tuple(num_splits)
     key = plan_key(q, stores, (out_dtype, causal, scores is None, splits, dequant_mode(dequant), sm_scale))
     plan = find_plan(key, stores)
     if plan is None:
         plan = _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, scores, score_offsets)
     else:
-        check_bounds(stores, q.shape[0], q.device)
+        check_bounds(stores, batch, q.device)
     check_score_args(q, stores, scores, score_offsets)
-    batch, q_heads, num_queries, head_dim = q.shape
-    out = torch.empty(batch, q_heads, num_queries, head_dim, dtype=out_dtype or torch.float32, device=q.device)
-    lse = torch.empty(batch, q_heads, num_queries, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
     total = plan.total_splits
     if total == 1:  # one store, one split: the program writes the final result itself
         part_out, part_lse = out, lse
