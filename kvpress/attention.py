@@ -103,10 +103,7 @@ def _decode_segments(layer, query, key, value, scaling):
     layer.append(key, value, None)
     if decode_mode() == "segments":
         return _decode_per_segment(layer, query, scaling)
-    segments = [(seg, off) for seg, off in layer.kv.offsets() if seg.length]
-    stores = [seg.store_args(layer.kv_start, off) for seg, off in segments]
-    if layer.prefix is not None:
-        stores.append(layer.prefix.store_args())
+    stores, offsets = _layer_stores(layer)
     q = query[:, :, 0]
     if layer.mass is None:
         out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype)
@@ -115,9 +112,19 @@ def _decode_segments(layer, query, key, value, scaling):
     # turns them into this step's mass. (Mass-based presses are never combined with a shared prefix.)
     scores = torch.empty(*q.shape[:2], layer.mass.shape[2], dtype=torch.float32, device=q.device)
     out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype, scores=scores,
-                                      score_offsets=tuple(off for _, off in segments))  # fmt: skip
+                                      score_offsets=offsets)  # fmt: skip
     add_score_mass(layer.mass, scores, lse, layer.kv_start)
     return out[:, None]
+
+
+def _layer_stores(layer) -> tuple[list, tuple[int, ...]]:
+    """The layer's non-empty segments (then its shared prefix) as stores of the multi-store kernels, and the
+    segments' logical offsets (where each one's logits go for H2O)."""
+    segments = [(seg, off) for seg, off in layer.kv.offsets() if seg.length]
+    stores = [seg.store_args(layer.kv_start, off) for seg, off in segments]
+    if layer.prefix is not None:
+        stores.append(layer.prefix.store_args())
+    return stores, tuple(off for _, off in segments)
 
 
 def _decode_per_segment(layer, query, scaling):
@@ -151,10 +158,7 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
         return _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling)
     causal, chunk_start = _causal_chunk(chunk_mask, chunk_valid, layer.sliding_window)
     if causal:
-        stores = [seg.store_args(layer.kv_start, off) for seg, off in layer.kv.offsets() if seg.length]
-        if layer.prefix is not None:
-            stores.append(layer.prefix.store_args())
-        stores.append(chunk_store(key, value, chunk_start))
+        stores = [*_layer_stores(layer)[0], chunk_store(key, value, chunk_start)]
         flags = (False,) * (len(stores) - 1) + (True,)
         out, _ = extend_attention_multi(query, tuple(stores), scaling, out_dtype=query.dtype, causal=flags)
         layer.append(key, value, chunk_valid)

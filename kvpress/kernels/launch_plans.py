@@ -28,7 +28,6 @@ class LaunchPlan:
     grid: tuple
     num_warps: int
     total_splits: int
-    geo: object  # StoreGeometry of the first store (sizes shared by all)
 
 
 _plans: OrderedDict = OrderedDict()

@@ -520,7 +520,7 @@ def _new_plan(key, q, stores, sm_scale, out_dtype, causal, num_splits, dequant, 
     args += [len(stores), head_dim // 2, block_m, block_n, scores is not None, *slot_constexprs]
     return remember_plan(key, stores, {
         "args": args, "store_slots": store_slots, "grid": (batch * geo.kv_heads, m_tiles, total),
-        "num_warps": 4 if block_m * head_dim <= 64 * 128 else 8, "total_splits": total, "geo": geo,
+        "num_warps": 4 if block_m * head_dim <= 64 * 128 else 8, "total_splits": total,
     })  # fmt: skip
 
 
