@@ -9,13 +9,11 @@ the int8-K/int4-V kernel's `eager_us`; `--no-quanto` skips it). Kernel times com
 enough store copies to defeat the L2 cache; `eager_us` is one plain Python call (launch and argument checks
 included). Writes eval/results/kernels_<tag>.json (+ .png).
 
-`--dequant registers factored` times the quantized series once per dequantization variant of the kernel
-(kvpress.kernels.factored.factored_fields): one JSON row per (config, variant), named by its "dequant" field; the
-fp16 series (unquantized, same kernel either way) and SDPA are timed once per config and copied into each row.
+Rows keep a "dequant" field ("registers", the kernel's one dequantization; older results also hold the removed
+"factored" variant); the fp16 series (unquantized, same kernel either way) and SDPA are timed once per config and copied into each row.
 
     python eval/bench_kernels.py --quick
-    python eval/bench_kernels.py --quick --dequant registers factored --tag dequant
-    python eval/bench_kernels.py --tune      # sweep tile sizes / split counts on a few configs
+    python eval/bench_kernels.py --tune      # sweep split counts on a few configs
 """
 import argparse
 import itertools
@@ -29,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvpress.kernels.decode import decode_attention_triton, store_attention_triton
-from kvpress.kernels.factored import DEQUANT_MODES, factored_fields
+from kvpress.kernels import KVStore
+from kvpress.kernels.multi import decode_attention_multi_triton
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_FLUSH_BYTES = 256 << 20  # rotate store copies until one pass reads at least this much
@@ -47,8 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gqa", type=int, nargs="+", default=[4, 8], help="query heads per kv head")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--group", type=int, default=32, help="quantization group size of keys and values")
-    parser.add_argument("--dequant", nargs="+", choices=DEQUANT_MODES, default=["registers"],
-                        help="kernel dequantization variants to time side by side (one row each)")  # fmt: skip
     parser.add_argument("--peak-gbps", type=float, default=3350.0, help="peak memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--max-cache-gib", type=float, default=24.0, help="skip configs whose fp16 cache is larger")
     parser.add_argument("--iters", type=int, default=20, help="graph replays per measurement")
@@ -64,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("contexts", "batches", "head_dims", "gqa"):
         if min(getattr(args, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} values must be positive")
-    args.dequant = list(dict.fromkeys(args.dequant))  # keep order, drop repeats
+    args.dequant = ["registers"]  # the one dequantization left (rows keep the field, as in older results)
     return args
 
 
@@ -180,21 +176,13 @@ def quanto_time_us(layers: list, q4: torch.Tensor, sm_scale: float, steps: int) 
 
 
 def quant_calls(stores, q, kv_start, kv_end, sm_scale, group, dequant="registers", **tuning):
-    """Closures running the int8-K/int4-V decode kernel (dequantization variant `dequant`) once per store copy
-    (tuning kwargs optional)."""
-    if tuning:
-        q4 = q.unsqueeze(2)
-        return [lambda s=s: store_attention_triton(q4, s[0], s[1], *s[2:6], s[6], kv_start, kv_end, sm_scale,
-                                                   8, 4, group, group, dequant=dequant, **tuning)
-                for s in stores]  # fmt: skip
-    return [lambda s=s: decode_attention_triton(q, s[0], s[1], *s[2:6], s[6], kv_start, kv_end, sm_scale,
-                                                8, 4, group, group, dequant=dequant) for s in stores]  # fmt: skip
-
-
-def factored_label(head_dim: int, group: int, dequant: str) -> str:
-    """Which fields the variant really factors for int8-K/int4-V with this group ("k+v", "k", "v" or "none")."""
-    factor_k, factor_v = factored_fields(dequant, head_dim, 8, 4, min(group, head_dim), min(group, head_dim))
-    return "+".join(name for name, on in (("k", factor_k), ("v", factor_v)) if on) or "none"
+    """Closures running the int8-K/int4-V decode kernel once per store copy (tuning: num_splits, optional)."""
+    splits = tuning.get("num_splits")
+    kernel_stores = [KVStore(k=s[0], v=s[1], k_scale=s[2], k_zero=s[3], v_scale=s[4], v_zero=s[5], block_table=s[6],
+                             kv_start=kv_start, kv_end=kv_end, k_bits=8, v_bits=4, k_group=group, v_group=group)
+                     for s in stores]  # fmt: skip
+    return [lambda s=s: decode_attention_multi_triton(q, (s,), sm_scale, num_splits=None if splits is None else
+                                                      (splits,)) for s in kernel_stores]  # fmt: skip
 
 
 def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list[dict]:
@@ -208,7 +196,7 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list
     fbytes = fp16_bytes(batch, kv_heads, tokens, head_dim, q_heads)
     base = {"batch": batch, "context": tokens, "head_dim": head_dim, "q_heads": q_heads, "kv_heads": kv_heads,
             "quant_bytes": qbytes, "fp16_bytes": fbytes}  # fmt: skip
-    rows = [{**base, "dequant": name, "factored": factored_label(head_dim, args.group, name)} for name in args.dequant]
+    rows = [{**base, "dequant": name} for name in args.dequant]
 
     for paged in (False, True):
         copies = max(1, min(32, math.ceil(L2_FLUSH_BYTES / qbytes)))
@@ -226,9 +214,8 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list
                torch.randn(batch, kv_heads, tokens, head_dim, device="cuda", dtype=torch.float16))
               for _ in range(copies)]  # fmt: skip
     table = torch.arange(batch, device="cuda", dtype=torch.int32)[:, None]
-    fp16_calls = [lambda c=c: decode_attention_triton(q, c[0], c[1], None, None, None, None, table, kv_start,
-                                                      kv_end, sm_scale, 16, 16, None, None)
-                  for c in caches]  # fmt: skip
+    fp16_stores = [KVStore(k=c[0], v=c[1], block_table=table, kv_start=kv_start, kv_end=kv_end) for c in caches]
+    fp16_calls = [lambda s=s: decode_attention_multi_triton(q, (s,), sm_scale) for s in fp16_stores]
     us = graph_time_us(fp16_calls, args.iters)
     fp16 = {"us": us, "gbps": fbytes / us / 1e3, "eager_us": eager_time_us(fp16_calls[0])}
     q4 = q.unsqueeze(2)
@@ -257,12 +244,13 @@ def bench_config(args, batch: int, tokens: int, head_dim: int, gqa: int) -> list
 
 
 def tune(args) -> list[dict]:
-    """Sweep block_n, split count, warps and stages on representative configs; print the best of each."""
+    """Sweep the split count on representative configs (tiles, warps and stages are the launcher's); print the
+    best of each."""
     results = []
     configs = [(1, 32768, 128, 4), (8, 8192, 128, 8), (32, 4096, 128, 4), (4, 131072, 64, 8), (32, 32768, 128, 8)]
-    sweep = ((32, 64, 128), (1, 2, 4, 8), (4, 8), (2, 3, 4))
+    sweep = (1, 2, 4, 8)
     if args.quick:
-        configs, sweep = [configs[1], configs[4]], ((32, 64), (4, 8), (4,), (2, 3))
+        configs, sweep = [configs[1], configs[4]], (4, 8)
     for batch, tokens, head_dim, gqa in configs:
         kv_heads = args.kv_heads
         q = torch.randn(batch, kv_heads * gqa, head_dim, device="cuda", dtype=torch.float16)
@@ -274,9 +262,9 @@ def tune(args) -> list[dict]:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for dequant in args.dequant:
             rows = []
-            for block_n, per_sm, warps, stages in itertools.product(*sweep):
-                splits = max(1, min(64, math.ceil(per_sm * sms / (batch * kv_heads)), math.ceil(tokens / block_n)))
-                tuning = dict(block_n=block_n, num_splits=splits, num_warps=warps, num_stages=stages)
+            for per_sm in sweep:
+                splits = max(1, min(64, math.ceil(per_sm * sms / (batch * kv_heads)), math.ceil(tokens / 32)))
+                tuning = dict(num_splits=splits)
                 calls = quant_calls(stores, q, kv_start, kv_end, 1.0, args.group, dequant=dequant, **tuning)
                 try:
                     us = graph_time_us(calls, 10)
@@ -290,7 +278,6 @@ def tune(args) -> list[dict]:
             print(f"tune {dequant} B={batch} T={tokens} D={head_dim} gqa={gqa}: default {default_us:.1f}us "
                   f"({qbytes / default_us / 1e3:.0f} GB/s); best {best}", flush=True)  # fmt: skip
             results.append({"batch": batch, "context": tokens, "head_dim": head_dim, "gqa": gqa, "dequant": dequant,
-                            "factored": factored_label(head_dim, args.group, dequant),
                             "default_us": default_us, "top5": ok[:5]})  # fmt: skip
         del stores
     return results

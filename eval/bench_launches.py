@@ -3,8 +3,9 @@
 A proxy for the GPU launch overhead of batch-1 decode (no GPU needed, nothing downloaded). For every decode step:
   (a) torch ops dispatched OUTSIDE the kernel entry points (TorchDispatchMode), split into compute ops (each one
       GPU kernel launch, roughly), views, allocations and host syncs (.item()/bool(): no launch, but a stall);
-  (b) calls of the kernel entry points (kvpress.kernels: decode_attention, decode_attention_multi, extend_attention,
-      attention_scores, add_score_mass, merge_attention_states, quantize_store), whose inner ops are not counted in
+  (b) calls of the kernel entry points (kvpress.kernels: decode_attention_multi, extend_attention_multi,
+      add_score_mass, merge_attention_states, quantize_store; older trees also decode_attention, extend_attention,
+      attention_scores), whose inner ops are not counted in
       (a);
   (c) estimated GPU launches = compute ops of (a) + launches per entry point: Triton attention 1 kernel + 1 combine
       when it splits (split counts as the Triton path picks them on an H100, 132 SMs), attention_scores 1,
@@ -46,6 +47,7 @@ def _early_kvpress_src(argv: list[str]) -> str | None:
 
 if __name__ == "__main__" and _early_kvpress_src(sys.argv[1:]):
     sys.path.insert(0, str(Path(_early_kvpress_src(sys.argv[1:])).resolve()))
+os.environ["KVPRESS_KERNELS"] = "reference"  # CPU: the twins (what they dispatch is not counted); read at import
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -62,15 +64,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "launches.json"
 H100_TARGET_PROGRAMS = 8 * 132  # what the Triton launchers aim for on an H100 SXM (kernels.decode._target_programs)
 ALLOC_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero"}
-# (module, attribute) of every kernel entry point as the library calls it
+# (module, attribute) of every kernel entry point as the library calls it (the kvpress.segments ones exist in trees
+# from before issue 12 only)
 ENTRY_POINTS = [
     (kvpress.segments, "decode_attention"),
     (kvpress.segments, "extend_attention"),
     (kvpress.segments, "attention_scores"),
     (kvpress.segments, "quantize_store"),
     (kvpress.attention, "decode_attention_multi"),
+    (kvpress.attention, "extend_attention_multi"),
     (kvpress.attention, "merge_attention_states"),
-    (kvpress.attention, "add_score_mass"),
+    (kvpress.attention, "add_score_mass"),  # trees before issue 12; then H2O's state calls it
+    (sys.modules.get("kvpress.presses.h2o"), "add_score_mass"),
 ]
 
 
@@ -103,10 +108,13 @@ def entry_launches(name: str, args: tuple) -> int:
         queries = 1 if name == "decode_attention" else q.shape[2]
         splits = _splits(q.shape[1], q.shape[0], k.shape[1], q.shape[-1], [table.shape[1] * k.shape[2]], queries)
         return 1 + (splits > 1)
-    if name == "decode_attention_multi":
+    if name in ("decode_attention_multi", "extend_attention_multi"):
         q, stores = args[0], args[1]
-        capacities = [s[6].shape[1] * s[0].shape[2] for s in stores]
-        splits = _splits(q.shape[1], q.shape[0], stores[0][0].shape[1], q.shape[-1], capacities)
+        # KVStore (issue 12 on) or the older argument tuples
+        capacities = [s.capacity if hasattr(s, "capacity") else s[6].shape[1] * s[0].shape[2] for s in stores]
+        kv_heads = stores[0].k.shape[1] if hasattr(stores[0], "k") else stores[0][0].shape[1]
+        queries = 1 if name == "decode_attention_multi" else q.shape[2]
+        splits = _splits(q.shape[1], q.shape[0], kv_heads, q.shape[-1], capacities, queries)
         return 1 + (splits > 1)
     return 1  # attention_scores, add_score_mass, quantize_store, merge_attention_states (as one fused launch)
 
@@ -200,7 +208,7 @@ def instrumented(recorder: Recorder):
 
 def measure(variant: dict, prompt_len: int, steps: int, batch: int, pads: list[int], dtype: torch.dtype) -> dict:
     """Prefill, one warm-up decode step (compression happens there), then `steps` measured decode steps."""
-    os.environ["KVPRESS_DECODE"] = variant.get("decode", "fused")
+    os.environ["KVPRESS_DECODE"] = variant.get("decode", "fused")  # read by trees before issue 12 only
     model = tiny_llama(dtype)
     layers = model.config.num_hidden_layers
     if variant["cache"] == "dynamic":
@@ -285,14 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32, help="measured decode steps (16 = one window flush)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (rows > 0 left-padded)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=[key for key, v in VARIANTS.items() if v.get("decode") != "segments"],
+                        help="the *-segments variants need a tree from before issue 12 (--kvpress-src)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--kvpress-src", default=None, help="measure the kvpress package found in this directory "
                         "(e.g. an export of an older commit: git archive HEAD kvpress | tar -x -C DIR)")
     parser.add_argument("--label", default=None, help="suffix of the variant names (e.g. the commit measured)")
     parser.add_argument("--append", action="store_true", help="add the rows and the command to an existing --out")
     args = parser.parse_args(argv)
-    os.environ["KVPRESS_KERNELS"] = "reference"  # CPU: the twins (what they dispatch is not counted anyway)
     saved_mode = os.environ.get("KVPRESS_DECODE")
     results = []
     try:

@@ -4,10 +4,9 @@
 # after the device; commit the ones worth keeping under eval/results/ with the device in the name.
 #
 #   bash eval/gpu_evidence.sh setup tests     # install (no network: wheels in .whl/), kernel tests on CUDA
-#   bash eval/gpu_evidence.sh kernels         # bench_kernels --quick: registers vs factored, SDPA, QuantizedCache
+#   bash eval/gpu_evidence.sh kernels         # bench_kernels --quick: SDPA, QuantizedCache
 #   bash eval/gpu_evidence.sh tune            # bench_kernels --tune (tile sizes, warps, stages, splits)
 #   bash eval/gpu_evidence.sh decode          # bench_decode at 32k, batch 1 and 8, with the GPU busy time
-#   bash eval/gpu_evidence.sh decode-segments # the same with the per-segment decode, for comparison
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-eval/results/gpu}"
@@ -27,7 +26,7 @@ for stage in "$@"; do
       "$PY" -m pytest -q -x tests/test_kernels_*.py tests/test_quant_kernel.py 2>&1 | tail -20 | tee "$OUT/tests_$device.txt"
       ;;
     kernels)
-      "$PY" eval/bench_kernels.py --quick --dequant registers factored --tag "quick_$device"
+      "$PY" eval/bench_kernels.py --quick --tag "quick_$device"
       cp eval/results/kernels_quick_"$device".* "$OUT"/
       ;;
     tune)
@@ -38,12 +37,8 @@ for stage in "$@"; do
       "$PY" eval/bench_decode.py --contexts 32768 --batches 1 8 --prefill-chunk 8192 --profile \
         --out "$OUT/decode_e2e_${device}_32k.json"
       ;;
-    decode-segments)
-      KVPRESS_DECODE=segments "$PY" eval/bench_decode.py --contexts 32768 --batches 1 8 --prefill-chunk 8192 \
-        --profile --caches kvpress:int8-int4 --out "$OUT/decode_e2e_${device}_32k_segments.json"
-      ;;
     *)
-      echo "unknown stage $stage (setup, tests, kernels, tune, decode, decode-segments)" >&2
+      echo "unknown stage $stage (setup, tests, kernels, tune, decode)" >&2
       exit 2
       ;;
   esac

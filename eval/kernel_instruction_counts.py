@@ -2,8 +2,9 @@
 without a GPU: the kernels are compiled - never launched - through their real launchers (so argument specialization
 is exactly what a call makes) with Triton's bundled ptxas behind a stand-in driver, and nvdisasm's listing is counted:
 instructions in the main loop (the loop over key/value tiles: instructions between a backward branch and its target;
-loops nested inside are included) and in the whole kernel (NOPs not counted). Both dequantization modes
-(KVPRESS_DEQUANT registers / factored) by default.
+loops nested inside are included) and in the whole kernel (NOPs not counted). The multi-store kernel with one
+store is measured (decode_attention_multi_triton); trees from before issue 12 also had the one-store
+`_split_attention_kernel` and took stores as tuples: both are measured there.
 
 These are instruction counts of the compiled code, not timings: fewer instructions per loop iteration is a proxy
 for less issue pressure, nothing more.
@@ -12,7 +13,7 @@ Compare two versions of the package (e.g. the committed one and the working tree
 
     mkdir -p /tmp/kvpress_before && git archive HEAD kvpress | tar -x -C /tmp/kvpress_before
     .venv/bin/python eval/kernel_instruction_counts.py --before /tmp/kvpress_before \\
-        --json eval/results/kernel_instructions.json
+        --json eval/results/kernel_instructions_issue12.json
 
 Each version is compiled in its own subprocess (PYTHONPATH=<root>, TRITON_INTERPRET unset, a fresh Triton cache dir).
 """
@@ -56,7 +57,8 @@ KEY_OPS = ("HMMA", "HFMA2", "HADD2", "HMUL2", "FFMA", "FMUL", "FADD", "FMNMX", "
 
 
 def _store(head_dim, k_bits, v_bits, k_group, v_group, page_size):
-    """Zero-filled store arguments (values do not matter for compilation; shapes, dtypes and strides do)."""
+    """Zero-filled store fields (values do not matter for compilation; shapes, dtypes and strides do), as the
+    pre-issue-12 argument tuple and (k_bits, v_bits, k_group, v_group)."""
     import torch
 
     def field(bits, group, pages, slots):
@@ -149,17 +151,28 @@ def worker(configs: list[str]) -> None:
     import kvpress.kernels.decode as decode
     from kvpress.kernels.multi import decode_attention_multi_triton
 
+    try:
+        from kvpress.kernels.store import KVStore
+    except ImportError:  # a tree from before issue 12: stores are tuples, and the one-store kernel exists
+        KVStore = None
     results = {"kvpress": str(Path(decode.__file__).resolve().parents[2])}
     for name in configs:
         head_dim, k_bits, v_bits, k_group, v_group, page_size = CONFIGS[name]
         args, bits = _store(head_dim, k_bits, v_bits, k_group, v_group, page_size)
         q = torch.zeros(BATCH, KV_HEADS * GROUP, head_dim, dtype=torch.float16)
         entry = {}
-        for kernel_name, call in (
-            ("_split_attention_kernel", lambda: decode.decode_attention_triton(q, *args, 0.1, *bits)),
-            ("_multi_split_attention_kernel",
-             lambda: decode_attention_multi_triton(q, ((*args, *bits),), 0.1, out_dtype=torch.float16)),
-        ):  # fmt: skip
+        if KVStore is None:
+            calls = (
+                ("_split_attention_kernel", lambda: decode.decode_attention_triton(q, *args, 0.1, *bits)),
+                ("_multi_split_attention_kernel",
+                 lambda: decode_attention_multi_triton(q, ((*args, *bits),), 0.1, out_dtype=torch.float16)),
+            )  # fmt: skip
+        else:
+            names = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero", "block_table", "kv_start", "kv_end")
+            store = KVStore(**dict(zip(names, args)), **dict(zip(("k_bits", "v_bits", "k_group", "v_group"), bits)))
+            calls = (("_multi_split_attention_kernel",
+                      lambda: decode_attention_multi_triton(q, (store,), 0.1, out_dtype=torch.float16)),)
+        for kernel_name, call in calls:
             compiled.clear()
             call()
             kernel = next(k for n, k in compiled if n == kernel_name)
@@ -170,11 +183,10 @@ def worker(configs: list[str]) -> None:
     print("RESULT " + json.dumps(results))
 
 
-def run_version(root: str, configs: list[str], dequant: str) -> dict:
-    """Counts of one copy of the package (its root holds kvpress/) under KVPRESS_DEQUANT=dequant."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_version(root: str, configs: list[str]) -> dict:
+    """Counts of one copy of the package (its root holds kvpress/), with its default dequantization."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVPRESS_DEQUANT")}
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    env["KVPRESS_DEQUANT"] = dequant
     with tempfile.TemporaryDirectory() as cache:
         env["TRITON_CACHE_DIR"] = cache
         proc = subprocess.run(
@@ -200,12 +212,14 @@ def _loop(counts: dict) -> int:
     return counts["loops"][0]["instructions"] if counts["loops"] else 0
 
 
+KERNELS = (("_multi_split_attention_kernel", "multi"), ("_split_attention_kernel", "split"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--before", help="root of another copy of the package (holding kvpress/) to compare with")
     parser.add_argument("--after", default=str(ROOT), help="root of the package to measure (default: this checkout)")
-    parser.add_argument("--dequant", nargs="+", default=["registers", "factored"], help="KVPRESS_DEQUANT modes")
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("configs", nargs="*", help=f"configs (default all): {', '.join(CONFIGS)}")
     opts = parser.parse_args()
@@ -214,17 +228,19 @@ def main() -> None:
         worker(configs)
         return
     roots = {"after": opts.after, **({"before": opts.before} if opts.before else {})}
-    versions = {v: {mode: run_version(root, configs, mode) for mode in opts.dequant} for v, root in roots.items()}
-    print(f"{'config':38s} {'dequant':9s} {'kernel':6s} " + " ".join(
+    versions = {v: run_version(root, configs) for v, root in roots.items()}
+    print(f"{'config':38s} {'kernel':6s} " + " ".join(
         f"{v + ' ' + what:>13s}" for v in reversed(roots) for what in ("loop", "total")))  # fmt: skip
-    for mode in opts.dequant:
-        for name in configs:
-            for kernel, short in (("_split_attention_kernel", "split"), ("_multi_split_attention_kernel", "multi")):
-                cells = []
-                for v in reversed(roots):
-                    counts = versions[v][mode][name][kernel]
-                    cells += [f"{_loop(counts):13d}", f"{counts['total']:13d}"]
-                print(f"{name:38s} {mode:9s} {short:6s} " + " ".join(cells))
+    summary = {}
+    for name in configs:
+        for kernel, short in KERNELS:
+            counts = {v: versions[v][name].get(kernel) for v in reversed(roots)}
+            cells = {f"{v}_{what}": (None if c is None else _loop(c) if what == "loop" else c["total"])
+                     for v, c in counts.items() for what in ("loop", "total")}  # fmt: skip
+            if all(value is None for value in cells.values()):
+                continue
+            summary.setdefault(name, {})[short] = cells
+            print(f"{name:38s} {short:6s} " + " ".join(f"{'-' if x is None else x:>13}" for x in cells.values()))
     if opts.json:
         import triton
 
@@ -233,24 +249,11 @@ def main() -> None:
             "git archive HEAD kvpress | tar -x -C /tmp/kvpress_before && "
             f".venv/bin/python eval/kernel_instruction_counts.py --before /tmp/kvpress_before --json {opts.json}"
         )
-        summary = {
-            mode: {
-                name: {
-                    short: {f"{v}_{what}": (_loop(c) if what == "loop" else c["total"])
-                            for v in reversed(roots) for what in ("loop", "total")
-                            for c in [versions[v][mode][name][kernel]]}
-                    for kernel, short in (("_split_attention_kernel", "split"),
-                                          ("_multi_split_attention_kernel", "multi"))
-                }
-                for name in configs
-            }
-            for mode in opts.dequant
-        }  # fmt: skip
         out = {
             "what": "SASS instruction counts (static, sm_90, compiled without a GPU through the launchers: "
-            "decode_attention_triton -> _split_attention_kernel, decode_attention_multi_triton with one store -> "
-            "_multi_split_attention_kernel); 'loop' = instructions in the key/value tile loop (first outermost "
-            "loop), 'total' = whole kernel. Instruction counts, not timings.",
+            "decode_attention_multi_triton with one store -> _multi_split_attention_kernel; trees before issue 12 "
+            "also decode_attention_triton -> _split_attention_kernel); 'loop' = instructions in the key/value "
+            "tile loop (first outermost loop), 'total' = whole kernel. Instruction counts, not timings.",
             "command": command,
             "triton": triton.__version__,
             "before": f"git HEAD {_head_commit()} ({opts.before})" if opts.before else None,

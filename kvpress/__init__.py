@@ -13,7 +13,7 @@ from .paged.prefix_cache import PrefixCache
 from .paged_cache import PagedKVCache
 from .batching import generate_many
 from .pipeline import KVPressTextGenerationPipeline, register_pipeline as _register_pipeline
-from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress
+from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from .quant import QuantSpec
 
 _register_attention()
@@ -33,6 +33,7 @@ __all__ = [
     "RandomPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "TOVAPress",
     "KVPressCache",
     "KVPressLayer",
     "check_model",

@@ -1,7 +1,7 @@
 """One line to turn compression on: `model = kvpress.wrap(model, press=..., quant=..., paged=...)`.
 
 `wrap` switches the model to the registered "kvpress" attention and makes every later `model.generate(...)` build a
-fresh KVPressCache with the configuration (unless the caller passes its own `past_key_values`). `unwrap` restores
+fresh KVPressCache with the configuration (unless the caller passes its own, as `cache=` or `past_key_values=`). `unwrap` restores
 the model exactly.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from .attention import ATTENTION_NAME, register
 from .cache import SUPPORTED_LAYER_TYPES, KVPressCache
 from .config import resolve_config
+from .hf_compat import cache_kwargs, layer_types_and_kwargs, pop_cache
 from .paged_cache import PagedKVCache
 
 _STATE_ATTR = "_kvpress_state"
@@ -34,20 +35,20 @@ def check_model(model) -> None:
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so kvpress "
             "cannot attend over its compressed cache."
         )
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    layer_types, _ = layer_types_and_kwargs(config.get_text_config(decoder=True))
     unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:
         raise ValueError(f"kvpress supports attention layers {SUPPORTED_LAYER_TYPES}; this model has {unsupported}.")
 
 
 def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix_cache: Any = None,
-         **generate_defaults):
+         prefix_namespace: str | None = None, **generate_defaults):
     """Make `model.generate` compress its KV cache as configured; returns the same model object.
 
     Strings are accepted: press="snapkv:0.5", quant="int8-int4", paged="true". Wrapping twice replaces the
     configuration. Extra keyword arguments become defaults of every generate call (e.g. prefill_chunk_size=1024).
+    `prefix_namespace`: the key that tells this model's shared prefixes apart from other models' in a PrefixCache
+    (default: a fingerprint of sampled weights, computed once here, so two fine-tunes of one base never share KV).
     """
     check_model(model)
     kv_config = resolve_config(press=press, quant=quant, paged=paged)
@@ -68,6 +69,10 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
         model.set_attn_implementation(ATTENTION_NAME)
     state["config"] = kv_config
     state["prefix_cache"] = prefix_cache
+    state["prefix_namespace_key"] = prefix_namespace
+    state["prefix_namespace"] = None  # computed on first use (prefix.prefix_namespace: weights fingerprint)
+    if prefix_cache is not None:
+        _prefix_namespace(model, state)
     state["generate_defaults"] = dict(generate_defaults)
     setattr(model, _STATE_ATTR, state)
     original = state["original_generate"]
@@ -79,31 +84,42 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
         for key, value in state["generate_defaults"].items():
             kwargs.setdefault(key, value)
         cfg = state["config"]
+        given = pop_cache(kwargs)  # `cache=` (transformers >= 5.24) or `past_key_values=`
         if press is not _UNSET or quant is not _UNSET:
-            if kwargs.get("past_key_values") is not None:
-                raise ValueError("Pass press=/quant= or an explicit past_key_values, not both.")
+            if given is not None:
+                raise ValueError("Pass press=/quant= or an explicit cache (past_key_values=), not both.")
             cfg = resolve_config(press=cfg.press if press is _UNSET else press,
                                  quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged)
-        given = kwargs.get("past_key_values")
         if isinstance(given, PagedKVCache) or (given is None and state["prefix_cache"] is not None):
             from .prefix import generate_with_prefix_cache
 
             if args:
                 kwargs["input_ids"] = args[0]
             prefix_cache = given.prefix_cache if given is not None else state["prefix_cache"]
-            kwargs.pop("past_key_values", None)
-            out, cache = generate_with_prefix_cache(model, original, prefix_cache, kv_config=cfg, cache=given, **kwargs)
+            out, cache = generate_with_prefix_cache(model, original, prefix_cache, kv_config=cfg, cache=given,
+                                                    namespace=_prefix_namespace(model, state), **kwargs)
             state["last_stats"] = cache.stats()
             return out
-        if given is None:
-            kwargs["past_key_values"] = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
-        out = original(*args, **kwargs)
-        cache = kwargs["past_key_values"]
+        cache = given
+        if cache is None:
+            cache = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
+        if isinstance(cache, KVPressCache):  # the press may run the model when it compresses (prepare_compression)
+            cache.attach_model(model)
+        out = original(*args, **cache_kwargs(model, cache), **kwargs)
         state["last_stats"] = cache.stats() if isinstance(cache, KVPressCache) else None
         return out
 
     model.generate = generate
     return model
+
+
+def _prefix_namespace(model, state: dict) -> str:
+    """The namespace of this model's KV in a PrefixCache, computed once per wrap (hashing sampled weights)."""
+    if state["prefix_namespace"] is None:
+        from .prefix import prefix_namespace
+
+        state["prefix_namespace"] = prefix_namespace(model, key=state["prefix_namespace_key"])
+    return state["prefix_namespace"]
 
 
 def unwrap(model):

@@ -14,7 +14,6 @@ compress when the prompt is complete (first decode step), or after every chunk w
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -22,18 +21,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .compress import compress, evict_before_decode, observe_chunk
-from .kernels import (
-    add_score_mass,
-    decode_attention_multi,
-    extend_attention_multi,
-    kernel_backend,
-    merge_attention_states,
-)
-from .kernels.extend import chunk_store
+from .kernels import chunk_store, decode_attention_multi, extend_attention_multi, kernel_backend, merge_attention_states
 
 ATTENTION_NAME = "kvpress"
-DECODE_ENV = "KVPRESS_DECODE"  # "fused" (default): one kernel over all segments; "segments": one per segment + merges
 
 
 def kvpress_attention_forward(
@@ -48,35 +38,22 @@ def kvpress_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention for models wrapped by kvpress; falls back to SDPA when no KVPressCache is in use."""
     layer = key.__dict__.pop("_kvpress_layer", None)
-    if layer is None or layer.pending is None or layer.pending[0] is not key:
+    if layer is None or not layer.consume(key):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError("kvpress attention does not support attention logit softcapping (e.g. Gemma2).")
-    layer.pending = None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer.scaling = scaling
     q_len = query.shape[2]
     chunk_valid = _chunk_validity(attention_mask) if q_len > 1 else None
-    press = layer.press
-    if q_len == 1 and press is not None:
-        if layer.needs_compression:  # the prompt is complete: compress it before the first decode step
-            compress(layer, scaling)
-        evict_before_decode(layer)
-    if layer.kv.quant is None and layer.prefix is None and not (q_len == 1 and layer.mass is not None):
+    if q_len == 1:  # (the cache compressed the observed prompt when this step began: KVPressCache.update)
+        layer.before_decode()  # decode-time eviction of a bounded press
+    if layer.kv.quant is None and layer.prefix is None and not (q_len == 1 and layer.wants_decode_logits()):
         out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
     elif q_len == 1:
         out = _decode_segments(layer, query, key, value, scaling)
     else:
         out = _extend_segments(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
-    if layer.deferred is not None:  # the prompt's last token (prefix sharing): now compress/quantize the prompt
-        layer.encode_deferred(query)
-        return out, None
-    if press is not None and q_len > 1:
-        observe_chunk(layer, query, scaling)
-        if layer.compress_every_chunk:
-            compress(layer, scaling)
-    if layer.is_sliding:
-        layer.slide()
+    layer.finish_forward(query, scaling)  # deferred encoding, press observation (compress_every_chunk), sliding
     return out, None
 
 
@@ -89,67 +66,37 @@ def _attend_unquantized(module, layer, query, key, value, chunk_mask, chunk_vali
     return out
 
 
-def decode_mode() -> str:
-    """How decode attends the segments: $KVPRESS_DECODE (read at every call), "fused" unless set to "segments"."""
-    mode = os.environ.get(DECODE_ENV, "").strip().lower() or "fused"
-    if mode not in ("fused", "segments"):
-        raise ValueError(f"{DECODE_ENV} must be 'fused', 'segments' or unset; got {mode!r}")
-    return mode
-
-
 def _decode_segments(layer, query, key, value, scaling):
-    """One new token: store it, then attend over every segment (and the shared prefix) in one fused kernel call
-    (KVPRESS_DECODE=segments: one call per segment, merged pairwise); accumulate H2O mass."""
+    """One new token: store it, then attend over every segment (and the shared prefix) in one fused kernel call.
+    When the layer wants them (H2O), the same call stores each attended token's logit (no second pass over the keys)
+    and hands them over with the final lse (layer.observe_decode)."""
     layer.append(key, value, None)
-    if decode_mode() == "segments":
-        return _decode_per_segment(layer, query, scaling)
     stores, offsets = _layer_stores(layer)
     q = query[:, :, 0]
-    if layer.mass is None:
-        out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype)
+    if not layer.wants_decode_logits():
+        out, lse = decode_attention_multi(q, stores, scaling, out_dtype=query.dtype)
         return out[:, None]  # (B, 1, Hq, D), contiguous
-    # H2O: the kernel also stores the logits it computes (no second pass over the keys); one small pass then
-    # turns them into this step's mass. (Mass-based presses are never combined with a shared prefix.)
-    scores = torch.empty(*q.shape[:2], layer.mass.shape[2], dtype=torch.float32, device=q.device)
-    out, lse = decode_attention_multi(q, tuple(stores), scaling, out_dtype=query.dtype, scores=scores,
+    scores = torch.empty(*q.shape[:2], layer.stored_length, dtype=torch.float32, device=q.device)
+    out, lse = decode_attention_multi(q, stores, scaling, out_dtype=query.dtype, scores=scores,
                                       score_offsets=offsets)  # fmt: skip
-    add_score_mass(layer.mass, scores, lse, layer.kv_start)
+    layer.observe_decode(scores, lse)
     return out[:, None]
 
 
-def _layer_stores(layer) -> tuple[list, tuple[int, ...]]:
-    """The layer's non-empty segments (then its shared prefix) as stores of the multi-store kernels, and the
+def _layer_stores(layer) -> tuple[tuple, tuple[int, ...]]:
+    """The layer's non-empty segments (then its shared prefix) as KVStores of the multi-store kernels, and the
     segments' logical offsets (where each one's logits go for H2O)."""
     segments = [(seg, off) for seg, off in layer.kv.offsets() if seg.length]
-    stores = [seg.store_args(layer.kv_start, off) for seg, off in segments]
+    stores = [seg.kernel_store(layer.kv_start, off) for seg, off in segments]
     if layer.prefix is not None:
-        stores.append(layer.prefix.store_args())
-    return stores, tuple(off for _, off in segments)
-
-
-def _decode_per_segment(layer, query, scaling):
-    """The per-segment decode (two launches per segment, a merge per extra one), kept for comparison."""
-    parts = [(seg.attend(query, layer.kv_start, off, scaling)) for seg, off in layer.kv.offsets() if seg.length]
-    if layer.prefix is not None:
-        parts.append(layer.prefix.attend(query, scaling))
-    out, lse = parts[0]
-    for o, l in parts[1:]:
-        out, lse = merge_attention_states(out, lse, o, l)
-    if layer.mass is not None:
-        _accumulate_mass(layer, query, lse, scaling)
-    return out.to(query.dtype).transpose(1, 2).contiguous()
-
-
-def _accumulate_mass(layer, query, lse, scaling):
-    """H2O: add this step's attention mass per stored token (given the final lse (B, Hq, 1)) to layer.mass."""
-    mass = [seg.scores(query, lse, layer.kv_start, off, scaling) for seg, off in layer.kv.offsets() if seg.length]
-    layer.mass = layer.mass + torch.cat(mass, dim=2)
+        stores.append(layer.prefix.kernel_store())
+    return tuple(stores), tuple(off for _, off in segments)
 
 
 def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling):
     """A chunk after stored tokens: one multi-store kernel call over every stored segment, the shared prefix and the
-    chunk itself (causal) when the chunk's mask is plain causal after left padding; otherwise kernels per stored
-    segment + masked attention within the chunk, merged."""
+    chunk itself (causal) when the chunk's mask is plain causal after left padding; otherwise one multi-store call
+    over the stored stores + masked attention within the chunk, merged."""
     if layer.stored_length == 0 and layer.prefix is None:
         out, _ = sdpa_attention_forward(module, query, key, value, chunk_mask, dropout=dropout, scaling=scaling)
         layer.append(key, value, chunk_valid)
@@ -157,18 +104,14 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
     if layer.prefix is None and kernel_backend(query.device) == "reference":
         return _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling)
     causal, chunk_start = _causal_chunk(chunk_mask, chunk_valid, layer.sliding_window)
+    stores = _layer_stores(layer)[0]
     if causal:
-        stores = [*_layer_stores(layer)[0], chunk_store(key, value, chunk_start)]
-        flags = (False,) * (len(stores) - 1) + (True,)
-        out, _ = extend_attention_multi(query, tuple(stores), scaling, out_dtype=query.dtype, causal=flags)
+        stores = (*stores, chunk_store(key, value, chunk_start))
+        out, _ = extend_attention_multi(query, stores, scaling, out_dtype=query.dtype)
         layer.append(key, value, chunk_valid)
         return out.transpose(1, 2).contiguous()
     out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
-    for seg, off in layer.kv.offsets():
-        if seg.length:
-            out, lse = merge_attention_states(out, lse, *seg.attend(query, layer.kv_start, off, scaling))
-    if layer.prefix is not None:
-        out, lse = merge_attention_states(out, lse, *layer.prefix.attend(query, scaling))
+    out, lse = merge_attention_states(out, lse, *extend_attention_multi(query, stores, scaling))
     layer.append(key, value, chunk_valid)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 

@@ -6,26 +6,29 @@ cache. Presses (which tokens to keep), codecs (how tokens are encoded) and store
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .compress import compress, observe_chunk
+from .compress import complement, row_budgets, select_with_fillers
 from .deferred import DeferredEncoding, full_prompt
-from .segments import FLUSH_BLOCK, SegmentedKV
+from .hf_compat import layer_types_and_kwargs
+from .presses.state import EvictionSpan, PrefillChunk, PressState
+from .segments import FLUSH_BLOCK, SegmentedKV, SharedPrefix
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class KVPressLayer(CacheLayerMixin):
-    """One attention layer's compressed KV.
+    """One attention layer's compressed KV; the only writer of its own fields.
 
     Invariants: `logical_length` counts every position the model has seen (it drives positions/RoPE);
     `kv.length` counts the tokens actually held (<= logical after eviction or sliding), in logical order;
     rows attend to stored tokens `[kv_start[b], kv.length)` (earlier ones are padding or filler slots that keep
-    storage rectangular); `n_pad[b]` is the number of padding tokens row b was given; `mass` (H2O) is aligned with
-    the stored tokens.
+    storage rectangular); `n_pad[b]` is the number of padding tokens row b was given; the press's state
+    (`press_state`, made by the press) follows the stored tokens through its hooks.
     """
 
     is_compileable = False
@@ -35,11 +38,11 @@ class KVPressLayer(CacheLayerMixin):
                  compress_every_chunk: bool = False) -> None:
         super().__init__()
         self.press = press
+        self._state: PressState | None = press.new_state() if press is not None else None
         self.compress_every_chunk = compress_every_chunk
-        self.needs_compression = False
-        self.window_queries: torch.Tensor | None = None  # last prompt queries a press observes (SnapKV)
-        self.scaling: float | None = None  # softmax scale the model uses (set by the attention function)
-        self.prefix = None  # SharedPrefix read in place from a PrefixCache (kvpress/prefix.py), or None
+        self.needs_compression = False  # the press observed tokens it has not compressed yet
+        self._sm_scale: float | None = None  # softmax scale of the model, from the last observed chunk
+        self.prefix: SharedPrefix | None = None  # read in place from a PrefixCache (kvpress/prefix.py), or None
         self.deferred: DeferredEncoding | None = None  # prompt held in full precision until its last token (prefix.py)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -47,15 +50,16 @@ class KVPressLayer(CacheLayerMixin):
         self.logical_length = 0
         self.kv_start: torch.Tensor | None = None  # (B,) int32; None when every stored token is attended
         self.n_pad: torch.Tensor | None = None  # (B,) int32 padding tokens per row; None when none
-        self.mass: torch.Tensor | None = None  # (B, Hkv, T) float32 accumulated attention (H2O)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.head_dim = key_states.shape[-1]
+        self._initialize_like(key_states)
         if self.kv.quant is not None:
             self.kv.quant.check_head_dim(key_states.shape[-1])
+
+    def _initialize_like(self, keys: torch.Tensor) -> None:
+        self.dtype, self.device, self.head_dim = keys.dtype, keys.device, keys.shape[-1]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -82,12 +86,15 @@ class KVPressLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.13
+
     def reset(self) -> None:
         if self.deferred is not None:  # back to the configured encoding, empty
             self.kv, self.press, self.deferred = SegmentedKV(self.deferred.quant), self.deferred.press, None
         self.kv.clear()
         self.logical_length = 0
-        self.kv_start = self.n_pad = self.mass = self.pending = self.window_queries = None
+        self.kv_start = self.n_pad = self.pending = None
+        self._state = self.press.new_state() if self.press is not None else None
         self.needs_compression = False
         self.keys = self.values = None
         self.is_initialized = False
@@ -104,10 +111,15 @@ class KVPressLayer(CacheLayerMixin):
         self.index_batch(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last tokens (assisted decoding); only possible while nothing was evicted, slid or quantized."""
+        """Remove the last tokens (assisted decoding); only possible while nothing was evicted, slid or quantized.
+
+        transformers' two conventions: a negative value removes that many tokens from the end; a positive one (the
+        legacy `crop(max_length)`) keeps the first max_length tokens, so nothing is removed when the layer is not
+        longer; 0 removes nothing (transformers 5.24's generate calls crop(0) as a no-op)."""
         if tokens_to_remove > 0:
-            tokens_to_remove = self.logical_length - tokens_to_remove
-        n = abs(tokens_to_remove)
+            n = max(0, self.logical_length - tokens_to_remove)
+        else:
+            n = min(-tokens_to_remove, self.logical_length)
         if n == 0:
             return
         if self.kv.length != self.logical_length or self.kv.quant is not None:
@@ -116,7 +128,152 @@ class KVPressLayer(CacheLayerMixin):
         self.logical_length -= n
         self._refresh_views()
 
-    # --- storage operations used by kvpress.attention / kvpress.compress -------------------------------------
+    # --- the attention function's calls (kvpress/attention.py) ---------------------------------------------------
+    def consume(self, key: torch.Tensor) -> bool:
+        """Whether `key` is the chunk update() stashed; if so it is taken (the attention function stores it)."""
+        if self.pending is None or self.pending[0] is not key:
+            return False
+        self.pending = None
+        return True
+
+    def before_decode(self) -> None:
+        """Decode-time eviction: before the next token is stored, drop the tokens the press's state chooses from
+        the quantized middle (or the only segment), so that segments stay rectangular (bounded presses: H2O)."""
+        if self._state is None:
+            return
+        kv = self.kv
+        start = kv.sink.length if kv.sink is not None else 0
+        stop = start + kv.main.length
+        span = EvictionSpan(kv.length, start, stop, lambda: None if self.kv_start is None else self.valid_mask())
+        victims = self._state.decode_victims(span)
+        if victims is None:
+            return
+        keep = complement(victims, stop - start)
+        kv.evict_main(keep)
+        self._state.kept(keep, start, stop)
+        if self.kv_start is not None:
+            start_main = (self.kv_start.to(victims.device) - start).clamp(min=0)
+            evicted_pad = (victims[:, 0] < start_main[:, None]).sum(dim=1)
+            self.set_kv_start(self.kv_start - evicted_pad.to(self.kv_start.device))
+        self._refresh_views()
+
+    def wants_decode_logits(self) -> bool:
+        """Whether the decode attention must hand this step's logits to observe_decode (H2O accumulates mass)."""
+        return self._state is not None and self._state.wants_decode_logits()
+
+    def observe_decode(self, scores: torch.Tensor, lse: torch.Tensor) -> None:
+        """The decode step's float32 logits (B, Hq, stored_length) in the log2 domain and its lse (B, Hq), natural
+        log, over every stored token (the new one included), for the press's state."""
+        self._state.observe_decode(scores, lse, self.kv_start)
+
+    def finish_forward(self, query: torch.Tensor, sm_scale: float) -> None:
+        """After attending the chunk of this forward: encode a deferred prompt (its last token was just attended),
+        or let the press observe a stored prefill chunk (and compress now with compress_every_chunk); slide."""
+        if self.deferred is not None:
+            self._encode_deferred(query, sm_scale)
+            return
+        if self.press is not None and query.shape[2] > 1:
+            self._observe_prefill(query, sm_scale)
+            if self.compress_every_chunk:
+                self.compress()
+        if self.is_sliding:
+            self.slide()
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
+        """Store a new chunk and advance the logical length; track left padding per row."""
+        self._store(key, value, chunk_valid)
+        self.logical_length += key.shape[2]
+
+    # --- compression ------------------------------------------------------------------------------------------
+    @property
+    def press_state(self) -> PressState | None:
+        """What the press observed on this layer (made and updated by the press; read-only here)."""
+        return self._state
+
+    def compress(self) -> None:
+        """Score every stored token and keep each row's budget (same count per head); frees the evicted memory.
+
+        All or nothing: if scoring or selection raises, the layer is unchanged and still needs compression (the
+        next decode step retries, and raises again, rather than silently keeping every token)."""
+        press, kv = self.press, self.kv
+        batch = kv.batch_size
+        n_pad = self.n_pad.tolist() if self.n_pad is not None else [0] * batch
+        start = self.kv_start.tolist() if self.kv_start is not None else [0] * batch
+        budgets = row_budgets(press, self.logical_length, kv.length, n_pad, start)
+        n_keep = max(budgets)
+        if n_keep < kv.length:
+            k_all, v_all = kv.dequantized(self.head_dim, self.dtype)
+            valid = self.valid_mask()
+            scores = press.score(self._state.scoring_inputs(k_all, v_all, valid, self._sm_scale))
+            idx, fillers = select_with_fillers(press, scores, valid, budgets, n_keep)
+            kv.keep(idx, k_all, v_all, n_masked=int(fillers.max()))
+            self._state.kept(idx)
+            self.set_kv_start(fillers)
+            self._refresh_views()
+        self._state.compressed()
+        self.needs_compression = False
+
+    def _observe_prefill(self, query: torch.Tensor, sm_scale: float) -> None:
+        """The press's state observes the chunk just stored (its queries are the last query.shape[2] positions)."""
+        kv = self.kv
+        self._sm_scale = sm_scale
+        chunk = PrefillChunk(query, sm_scale, kv.length - query.shape[2],
+                             keys=lambda: kv.dequantized(query.shape[-1], query.dtype)[0], valid=self.valid_mask)
+        self._state.observe_prefill(chunk)
+        self.needs_compression = True
+
+    # --- prefix sharing (kvpress/prefix.py) ---------------------------------------------------------------------
+    def attach_prefix(self, prefix: SharedPrefix, logical_length: int | None = None) -> None:
+        """Read a shared prompt prefix in place (its full-precision pages give dtype, device and head_dim); with
+        `logical_length`, the layer has seen that many positions."""
+        self.prefix = prefix
+        self._initialize_like(prefix.fields["k"])
+        if logical_length is not None:
+            self.logical_length = logical_length
+
+    def load(self, keys: torch.Tensor | None, values: torch.Tensor | None, kv_start: torch.Tensor,
+             logical_length: int) -> None:
+        """Fill an empty layer with full-precision tokens (B, H, T, D) stored as given (rows attend
+        [kv_start[b], T)) at `logical_length`, without observing them (prefix sharing assembles rows computed
+        apart); keys None: nothing stored."""
+        if keys is not None:
+            self.kv.append(keys, values)
+            self._initialize_like(keys)
+            if self._state is not None:
+                self._state.appended(keys.shape[2])
+        self.set_kv_start(kv_start)
+        self.logical_length = logical_length
+        self._refresh_views()
+
+    def defer_encoding(self, state: PressState | None = None, shared: SharedPrefix | None = None,
+                       shared_slots: tuple[int, int] = (0, 0)) -> None:
+        """Hold the prompt in full precision (no press, no quantization) until its last token has been attended,
+        then encode it as configured: `state` holds what the press observed of the prompt before (None: a fresh
+        state), `shared` the quantized codes read in place instead of stored slots shared_slots[0]:[1]."""
+        self.deferred = DeferredEncoding(self.press, self.kv.quant, state, shared, shared_slots)
+        self.press, self._state, self.kv = None, None, SegmentedKV(None)
+
+    def _encode_deferred(self, query: torch.Tensor, sm_scale: float) -> None:
+        """The prompt is complete: re-store its full-precision tokens (shared prefix read from its pages + this
+        layer's private tokens) as one left-padded prefill chunk under the deferred press/quant: same segments,
+        padding and observations as if the whole prompt had been prefilled at once."""
+        deferred, self.deferred = self.deferred, None
+        k, v, valid = full_prompt(self.prefix, self.kv.main.store, self.kv_start)
+        self.prefix = None
+        lo, hi = deferred.shared_slots
+        if hi > lo:  # these quantized-middle slots are read from the shared pages instead of being stored
+            k, v, valid = (torch.cat([t[:, :, :lo], t[:, :, hi:]], dim=2) for t in (k, v, valid[:, None]))
+            valid = valid[:, 0]
+            self.prefix = deferred.shared
+        self.kv = SegmentedKV(deferred.quant)
+        self.kv_start = self.n_pad = None
+        self._store(k, v, None if bool(valid.all()) else valid)  # the logical length already counts the prompt
+        self.press = deferred.press
+        if self.press is not None:
+            self._state = deferred.state if deferred.state is not None else self.press.new_state()
+            self._observe_prefill(query, sm_scale)
+
+    # --- storage ----------------------------------------------------------------------------------------------
     @property
     def stored_length(self) -> int:
         return self.kv.length
@@ -127,29 +284,29 @@ class KVPressLayer(CacheLayerMixin):
             self.prefix.index_batch(rows)
         if self.deferred is not None and self.deferred.shared is not None:
             self.deferred.shared.index_batch(rows)
-        if self.deferred is not None and self.deferred.window_queries is not None:
-            queries = self.deferred.window_queries
-            self.deferred.window_queries = queries.index_select(0, rows.to(queries.device))
+        if self.deferred is not None and self.deferred.state is not None:
+            self.deferred.state.index_batch(rows)
         if not self.kv.length:
             return
         self.kv.index_batch(rows)
-        for name in ("kv_start", "n_pad", "mass", "window_queries"):
+        for name in ("kv_start", "n_pad"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, rows.to(value.device)))
+        if self._state is not None:
+            self._state.index_batch(rows)
         self._refresh_views()
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
-        """Store a new chunk and advance the logical length; track left padding per row."""
+    def _store(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
+        """Store tokens after the stored ones without moving the logical length; track left padding per row."""
         max_pad = 0
         if chunk_valid is not None:  # prefill chunks only: decode steps never add padding (and never sync here)
             self._track_padding(chunk_valid, self.kv.length)
             if self.n_pad is not None and self.kv.quant is not None:
                 max_pad = int(self.n_pad.max())
         self.kv.append(key, value, max_pad)
-        if self.mass is not None:
-            self.mass = torch.nn.functional.pad(self.mass, (0, key.shape[2]))
-        self.logical_length += key.shape[2]
+        if self._state is not None:
+            self._state.appended(key.shape[2])
         self._refresh_views()
 
     def _track_padding(self, chunk_valid: torch.Tensor, n_past: int) -> None:
@@ -168,28 +325,6 @@ class KVPressLayer(CacheLayerMixin):
         added = torch.where(fully_padded, n_pad, torch.zeros_like(n_pad))
         self.n_pad = added if self.n_pad is None else self.n_pad + added
         self.set_kv_start(start + added)
-
-    def encode_deferred(self, query: torch.Tensor) -> None:
-        """The prompt is complete: re-store its full-precision tokens (shared prefix read from its pages + this
-        layer's private tokens) as one left-padded prefill chunk under the deferred press/quant: same segments,
-        padding and observations as if the whole prompt had been prefilled at once."""
-        deferred, self.deferred = self.deferred, None
-        k, v, valid = full_prompt(self.prefix, self.kv.main.store, self.kv_start)
-        self.prefix = None
-        lo, hi = deferred.shared_slots
-        if hi > lo:  # these quantized-middle slots are read from the shared pages instead of being stored
-            k, v, valid = (torch.cat([t[:, :, :lo], t[:, :, hi:]], dim=2) for t in (k, v, valid[:, None]))
-            valid = valid[:, 0]
-            self.prefix = deferred.shared
-        self.kv = SegmentedKV(deferred.quant)
-        self.kv_start = self.n_pad = None
-        logical, self.logical_length = self.logical_length, 0
-        self.append(k, v, None if bool(valid.all()) else valid)
-        self.logical_length = logical
-        self.press = deferred.press
-        if self.press is not None:
-            self.window_queries = deferred.window_queries
-            observe_chunk(self, query, self.scaling)
 
     def set_kv_start(self, start: torch.Tensor | None) -> None:
         """Record per-row first attended stored token; None when it is 0 everywhere (no masking needed)."""
@@ -222,9 +357,10 @@ class KVPressLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.n_pad, self.mass, self.window_queries) if t is not None]
+        extra = [t for t in (self.kv_start, self.n_pad) if t is not None]
+        state = self._state.tensors() if self._state is not None else []
         shared = self.prefix.tensors() if self.prefix is not None else []
-        return self.kv.tensors() + extra + shared
+        return self.kv.tensors() + extra + state + shared
 
 
 class KVPressCache(Cache):
@@ -245,7 +381,7 @@ class KVPressCache(Cache):
         press, quant = self.kv_config.press, self.kv_config.quant
         _check_press_with_quant(press, quant)
         text_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layer_types, layer_kwargs = layer_types_and_kwargs(text_config)
         unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
         if unsupported:
             raise ValueError(
@@ -265,6 +401,13 @@ class KVPressCache(Cache):
                 layers.append(KVPressLayer(press=press, quant=quant, compress_every_chunk=compress_every_chunk))
         super().__init__(layers=layers)
         self._last_layer: KVPressLayer | None = None
+        self._model: weakref.ref | None = None  # the model whose generate uses this cache (attach_model)
+
+    def attach_model(self, model) -> None:
+        """Remember (weakly) the model that runs on this cache, so that the compression at the first decode step can
+        hand it to the press (`BasePress.prepare_compression`: KVzip replays the context through it). kvpress.wrap's
+        generate attaches its model to the cache it builds or is given."""
+        self._model = weakref.ref(model)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         last = self._last_layer
@@ -274,8 +417,23 @@ class KVPressCache(Cache):
                 "KVPressCache needs the model to use the 'kvpress' attention: call `kvpress.wrap(model)` (or "
                 "`model.set_attn_implementation('kvpress')` after `import kvpress`) before generating with it."
             )
-        self._last_layer = self.layers[layer_idx]
+        if layer_idx == 0:
+            self._check_not_torn()
+        layer = self.layers[layer_idx]
+        if key_states.shape[2] == 1 and layer.needs_compression:
+            self.compress()  # the prompt is complete: compress every layer before the first decode step
+        self._last_layer = layer
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_not_torn(self) -> None:
+        """At the start of a forward every layer that has seen tokens has seen the same positions; otherwise an
+        earlier forward raised midway (some layers stored its chunk, others not) and the cache must not be used."""
+        lengths = {layer.logical_length for layer in self.layers if layer.is_initialized}
+        if len(lengths) > 1:
+            raise RuntimeError(
+                f"This KVPressCache was left mid-forward by an earlier exception (its layers hold {min(lengths)} to "
+                f"{max(lengths)} positions); call cache.reset() or use a fresh cache."
+            )
 
     def stats(self) -> dict[str, Any]:
         """Memory accounting from the tensors actually held, beside what a 16-bit DynamicCache would hold."""
@@ -301,12 +459,20 @@ class KVPressCache(Cache):
             "quant": str(self.kv_config.quant) if self.kv_config.quant is not None else None,
         }
 
-    def compress(self) -> None:
-        """Compress now what the press has observed (normally done at the first decode step); e.g. after
-        prefilling a context that several questions will reuse."""
-        for layer in self.layers:
-            if isinstance(layer, KVPressLayer) and layer.needs_compression:
-                compress(layer, layer.scaling)
+    def compress(self, model=None) -> None:
+        """Compress now what the press has observed (done at the first decode step; e.g. after prefilling a context
+        that several questions will reuse). Each press first gets `prepare_compression(cache, model)` (`model`:
+        this argument, else the attached one, else None), then every layer with observed tokens compresses."""
+        layers = [layer for layer in self.layers if isinstance(layer, KVPressLayer) and layer.needs_compression]
+        if not layers:
+            return
+        if model is None and self._model is not None:
+            model = self._model()
+        presses = {id(layer.press): layer.press for layer in layers}
+        for press in presses.values():
+            press.prepare_compression(self, model)
+        for layer in layers:
+            layer.compress()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for tests and memory audits)."""
@@ -314,13 +480,7 @@ class KVPressCache(Cache):
 
 
 def _check_press_with_quant(press: Any, quant: Any) -> None:
-    """Decode-time eviction only touches the quantized middle: the bound must leave room for the fp segments."""
-    max_tokens = getattr(press, "max_tokens", None)
-    if press is None or quant is None or max_tokens is None:
-        return
-    floor = quant.n_sink + quant.residual + FLUSH_BLOCK
-    if max_tokens <= floor:
-        raise ValueError(
-            f"max_tokens={max_tokens} leaves no room for quantized tokens next to the {quant.n_sink} fp sink and up to "
-            f"{quant.residual + FLUSH_BLOCK} fp window tokens; raise max_tokens above {floor} or lower quant residual."
-        )
+    """Decode-time eviction only touches the quantized middle: a press's bound must leave room for the fp segments."""
+    if press is not None and quant is not None:
+        window = quant.residual + FLUSH_BLOCK
+        press.check_fp_slots(quant.n_sink + window, f"the {quant.n_sink} fp sink and up to {window} fp window tokens")

@@ -1,6 +1,6 @@
 """Deferred encoding (prefix sharing with compression): a layer holds its prompt in full precision until the prompt's
 last token has been attended, then rebuilds the whole prompt (shared prefix pages + private tokens) to store it
-compressed exactly as a one-chunk prefill would (KVPressLayer.encode_deferred)."""
+compressed exactly as a one-chunk prefill would (KVPressLayer.defer_encoding, then finish_forward)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +14,11 @@ from .kernels.store_access import gather_tokens
 @dataclass
 class DeferredEncoding:
     """Press and quantization a layer applies once the prompt's last token has been attended in full precision;
-    `window_queries` are the prompt queries the press observed before that token (SnapKV), or None."""
+    `state` is the press's state holding what the rows' prompts showed it before that token (None: a fresh one)."""
 
     press: Any
     quant: Any
-    window_queries: torch.Tensor | None = None
+    state: Any = None  # PressState (kvpress/presses/state.py)
     shared: Any = None  # SharedPrefix of quantized codes standing in for stored slots shared_slots[0]:shared_slots[1]
     shared_slots: tuple[int, int] = (0, 0)
 

@@ -18,6 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .api import is_wrapped, wrap
 from .cache import KVPressCache
 from .config import resolve_config
+from .hf_compat import cache_kwargs
 
 TASK_NAME = "kv-press-text-generation"
 _MARKER = "\u2063KVPRESS-QUESTION\u2063"
@@ -54,14 +55,14 @@ class KVPressTextGenerationPipeline(Pipeline):
         context_ids = inputs["context_ids"].to(device)
         cache = KVPressCache(self.model.config, press=config.press, quant=config.quant)
         with torch.inference_mode():
-            self.model(input_ids=context_ids, past_key_values=cache, use_cache=True)  # the one context prefill
-        cache.compress()
+            self.model(input_ids=context_ids, **cache_kwargs(self.model, cache), use_cache=True)  # the one context prefill
+        cache.compress(model=self.model)  # the question is not seen by the press
         answers = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for tail in inputs["question_ids"]:
             ids = torch.cat([context_ids, tail.to(device)], dim=1)
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      past_key_values=copy.deepcopy(cache), max_new_tokens=max_new_tokens,
+                                      **cache_kwargs(self.model, copy.deepcopy(cache)), max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad, **generate_kwargs)
             answers.append(out[0, ids.shape[1]:])
         return {"answers": answers, "questions": inputs["questions"], "stats": cache.stats()}

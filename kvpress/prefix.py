@@ -13,59 +13,78 @@ the prefix's prefill compute; its memory is the request's own compressed cache. 
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .cache import KVPressCache, KVPressLayer
+from .cache import KVPressCache
 from .config import KVConfig
-from .deferred import DeferredEncoding
+from .hf_compat import cache_kwargs, layer_types_and_kwargs
 from .paged.prefix_cache import PrefixCache, PrefixHit
 from .paged_cache import PagedKVCache, same_codes, shared_codes_spec
-from .quant.codec import quantize
-from .segments import SegmentedKV, SharedPrefix
+from .segments import SharedPrefix
 
-CODE_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+POOL_CODE_NAMES = {"k": "k_codes", "v": "v_codes"}  # the pool's "k" / "v" hold full precision; other fields keep their name
 
 
-def namespace(model) -> str:
-    """KV made under different models or dtypes never mixes (pages are full precision whatever press/quant)."""
+FINGERPRINT_SAMPLES = 256  # elements sampled (evenly strided) from every parameter tensor
+
+
+def prefix_namespace(model, key: str | None = None) -> str:
+    """KV made under different models or dtypes never mixes (pages are full precision whatever press/quant).
+
+    `key` tells the weights apart (default: `weights_fingerprint(model)`): two fine-tunes of one base model share
+    name, architecture and dtype but not their KV."""
     cfg = model.config
-    return f"{cfg._name_or_path}|{cfg.model_type}|{model.dtype}|layers={cfg.num_hidden_layers}|fp"
+    key = weights_fingerprint(model) if key is None else key
+    return f"{cfg._name_or_path}|{cfg.model_type}|{model.dtype}|layers={cfg.num_hidden_layers}|fp|weights={key}"
+
+
+def weights_fingerprint(model, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """A hash of every parameter's name, shape and `samples` evenly strided elements: cheap (a few hundred
+    elements per tensor, whatever the model size) and different for any fine-tune that changes most elements of
+    any tensor (full fine-tunes, merged LoRA). Parameters on the meta device count by name and shape only."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            if param.device.type == "meta" or param.numel() == 0:
+                continue
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // samples)][:samples].contiguous()
+            digest.update(sample.cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_prefix_config(model, kv_config: KVConfig, prefix_cache: PrefixCache | None = None) -> None:
     """Reject what prefix sharing cannot reproduce exactly, before any work starts."""
     if prefix_cache is not None:
         shared_codes_spec(prefix_cache)
-    press = kv_config.press
-    if press is not None and (press.needs_attention_mass or press.max_tokens is not None):
-        raise ValueError(
-            f"prefix_cache cannot be combined with {type(press).__name__}(needs_attention_mass="
-            f"{press.needs_attention_mass}, max_tokens={press.max_tokens}): it scores with the attention of every "
-            "prompt query, and a shared prefix's queries are not recomputed. Use snapkv, streaming, knorm or random, "
-            "or no prefix_cache."
-        )
-    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    if kv_config.press is not None:
+        kv_config.press.check_prefix_sharing()
+    layer_types, _ = layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     if any(t != "full_attention" for t in layer_types):
         raise ValueError("prefix_cache does not support sliding-window layers yet (e.g. Gemma3, Mistral).")
 
 
 def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: PrefixCache, input_ids: torch.Tensor,
                                attention_mask: torch.Tensor | None = None, kv_config: KVConfig | None = None,
-                               cache: PagedKVCache | None = None, **kwargs: Any):
+                               cache: PagedKVCache | None = None, namespace: str | None = None, **kwargs: Any):
     """Run `generate_fn` (the model's original generate) reusing and then extending `prefix_cache`.
 
-    `cache` (an empty PagedKVCache) or `kv_config` says how the request compresses. Returns (generate output, the
-    PagedKVCache used: its stats() count the private tokens, and the shared pages it read, which prefix_cache.stats()
-    counts once)."""
+    `cache` (an empty PagedKVCache) or `kv_config` says how the request compresses; `namespace` is the model's key
+    in the prefix cache (default: `prefix_namespace(model)`, which hashes sampled weights: pass it to avoid the cost).
+    Returns (generate output, the PagedKVCache used: its stats() count the private tokens, and the shared pages it
+    read, which prefix_cache.stats() counts once). Whatever raises, every hit taken is released: no page stays
+    locked or referenced by this call."""
     kv_config = cache.kv_config if cache is not None else (kv_config or KVConfig(paged=True))
     check_prefix_config(model, kv_config, prefix_cache)
     if cache is None:
         cache = PagedKVCache(model.config, prefix_cache, press=kv_config.press, quant=kv_config.quant)
     elif cache.get_seq_length() or cache.prefix_cache is not prefix_cache:
         raise ValueError("generate with a PagedKVCache needs a fresh one (one per generate call).")
+    cache.attach_model(model)
     batch, width = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     lengths = mask.sum(dim=1).tolist()
@@ -74,13 +93,14 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
         raise ValueError("prefix_cache needs left-padded inputs (tokenizer.padding_side = 'left').")
     compressed = kv_config.press is not None or kv_config.quant is not None
     window = kv_config.press.query_window if kv_config.press is not None else 0
-    ns = namespace(model)
+    ns = prefix_namespace(model) if namespace is None else namespace
     rows = [input_ids[b, pads[b]:].tolist() for b in range(batch)]
-    # a compressing press observes the last `window` prompt queries: those are always computed, never matched
-    hits = [prefix_cache.match(ns, row, limit=max(0, len(row) - max(1, window))) for row in rows]
+    hits: list[PrefixHit] = []
     try:
-        observer = kv_config.press if window else None
-        row_caches = [_prefill_row(model, prefix_cache, row, hit, observer) for row, hit in zip(rows, hits)]
+        for row in rows:  # inside the try: a failing match releases the hits taken before it
+            # a compressing press observes the last `window` prompt queries: those are always computed, never matched
+            hits.append(prefix_cache.match(ns, row, limit=max(0, len(row) - max(1, window))))
+        row_caches = [_prefill_row(model, prefix_cache, row, hit, kv_config.press) for row, hit in zip(rows, hits)]
         if compressed and width > 1:  # (a 1-token batch is an ordinary prefill of the configured cache)
             codes = same_codes(kv_config.quant, shared_codes_spec(prefix_cache)) and kv_config.press is None
             _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
@@ -93,7 +113,7 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
             _insert(prefix_cache, ns, cache, hits, input_ids, [len(row) - 1 for row in rows], pads)
         if expand > 1:  # generate repeats each input row for beams / returned sequences; the cache must match
             cache.batch_repeat_interleave(expand)
-        out = generate_fn(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
+        out = generate_fn(input_ids=input_ids, attention_mask=mask, **cache_kwargs(model, cache), **kwargs)
         if not insert_prompts_now:
             sequences = out.sequences if hasattr(out, "sequences") else out
             _insert(prefix_cache, ns, cache, hits, sequences, _stored_lengths(model, sequences, pads, width, kwargs),
@@ -112,33 +132,27 @@ def _expansion(model, kwargs: dict) -> int:
     return max(beams, returned)
 
 
-def _attach_prefix(layer: KVPressLayer, prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> None:
-    pool = prefix_cache.pool
-    fields = pool.layers[layer_idx]
-    layer.prefix = SharedPrefix({"k": fields["k"], "v": fields["v"]}, tables, torch.zeros_like(ends), ends)
-    layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
-    layer.is_initialized = True
+def _shared_prefix(prefix_cache: PrefixCache, layer_idx: int, tables, ends) -> SharedPrefix:
+    """Rows' full-precision prefix tokens [0, ends[b]) of one layer, read in place from the pool's pages."""
+    fields = prefix_cache.pool.layers[layer_idx]
+    return SharedPrefix({"k": fields["k"], "v": fields["v"]}, tables, torch.zeros_like(ends), ends)
 
 
 def _prefill_row(model, prefix_cache: PrefixCache, row: list[int], hit: PrefixHit, observer=None) -> KVPressCache:
     """Batch-1 cache of one row: the matched prefix in place, the rest of the prompt (but its last token) computed.
 
-    With an `observer` press, its layers record the queries the press will need (nothing is compressed here)."""
-    cache = KVPressCache(model.config)
+    With an `observer` press, its layers' press states observe the computed tokens (nothing is compressed here)."""
+    cache = KVPressCache(model.config, press=observer)
     device = model.device
-    if observer is not None:
-        for layer in cache.layers:
-            layer.press = observer
     if hit.n_tokens:
         table = torch.tensor([hit.pages], dtype=torch.int32, device=device)
         ends = torch.tensor([hit.n_tokens], dtype=torch.int32, device=device)
         for idx, layer in enumerate(cache.layers):
-            _attach_prefix(layer, prefix_cache, idx, table, ends)
-            layer.logical_length = hit.n_tokens
+            layer.attach_prefix(_shared_prefix(prefix_cache, idx, table, ends), logical_length=hit.n_tokens)
     rest = row[hit.n_tokens : -1]
     if rest:
         with torch.inference_mode():
-            model(input_ids=torch.tensor([rest], device=device), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([rest], device=device), **cache_kwargs(model, cache), use_cache=True)
     return cache
 
 
@@ -149,22 +163,18 @@ def _assemble(cache, device, prefix_cache, row_caches, hits, pads, width) -> Non
     for idx, layer in enumerate(cache.layers):
         parts = [rc.layers[idx].kv.main.store for rc in row_caches]
         longest = max(p.length for p in parts)
+        fields = {"k": None, "v": None}
         if longest:
             like = next(p for p in parts if p.length)
-            fields = {}
             for name in ("k", "v"):
                 template = like.view(name)
                 rows = [torch.nn.functional.pad(p.view(name), (0, 0, longest - p.length, 0)) if p.length
                         else template.new_zeros(1, template.shape[1], longest, template.shape[3]) for p in parts]
                 fields[name] = torch.cat(rows, dim=0)
-            layer.kv.main.store.append(fields)
-            layer.dtype, layer.device, layer.head_dim = fields["k"].dtype, fields["k"].device, fields["k"].shape[-1]
-            layer.is_initialized = True
-        layer.set_kv_start(torch.tensor([longest - p.length for p in parts], dtype=torch.int32, device=device))
+        kv_start = torch.tensor([longest - p.length for p in parts], dtype=torch.int32, device=device)
+        layer.load(fields["k"], fields["v"], kv_start, logical_length=width - 1)
         if bool((ends > 0).any()):
-            _attach_prefix(layer, prefix_cache, idx, tables, ends)
-        layer.logical_length = width - 1
-        layer._refresh_views()
+            layer.attach_prefix(_shared_prefix(prefix_cache, idx, tables, ends))
 
 
 def _block_tables(hits: list[PrefixHit], device) -> torch.Tensor:
@@ -204,34 +214,20 @@ def _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, shared_q
     """Compressed requests: their layers start as full-precision layers (filled by `_assemble` like an uncompressed
     request: private tokens stored, shared prefix read in place) carrying a DeferredEncoding, so the prompt's last
     token attends in full precision and only then is the prompt quantized and pressed, one layer at a time, exactly
-    as a left-padded prefill would (KVPressLayer.encode_deferred). With `shared_quant` (the request's quantization,
+    as a left-padded prefill would (KVPressLayer.defer_encoding). With `shared_quant` (the request's quantization,
     whose codes the pool keeps), the quantized middle slots every row matched stay in the pool, read in place."""
     slots = _shared_code_slots(shared_quant, hits, pads, width) if shared_quant is not None else (0, 0)
     device = row_caches[0].layers[0].device if row_caches[0].layers[0].is_initialized else None
     for idx, layer in enumerate(cache.layers):
-        queries = _batched_window_queries([rc.layers[idx].window_queries for rc in row_caches], layer.press)
-        layer.deferred = DeferredEncoding(layer.press, layer.kv.quant, queries)
+        state = None
+        if layer.press is not None:  # what the press observed of each row's prompt, as one left-padded batch
+            state = layer.press.new_state()
+            state.take_rows([rc.layers[idx].press_state for rc in row_caches])
+        shared = None
         if slots[1] > slots[0]:
-            layer.deferred.shared = _shared_codes(prefix_cache, idx, hits, pads, slots, shared_quant,
-                                                  device or prefix_cache.pool.device)
-            layer.deferred.shared_slots = slots
-        layer.press, layer.kv = None, SegmentedKV(None)
-
-
-def _batched_window_queries(row_queries: list, press) -> torch.Tensor | None:
-    """The last (window - 1) prompt queries before the last token, per row, left-padded with zeros where a row's
-    prompt is shorter (padding queries are ignored by the press)."""
-    if press is None or not press.query_window or all(q is None for q in row_queries):
-        return None
-    like = next(q for q in row_queries if q is not None)
-    n = min(press.query_window - 1, max(q.shape[2] for q in row_queries if q is not None))
-    if n == 0:
-        return None
-    rows = []
-    for q in row_queries:
-        q = like.new_zeros(1, like.shape[1], 0, like.shape[3]) if q is None else q[:, :, -n:]
-        rows.append(torch.nn.functional.pad(q, (0, 0, n - q.shape[2], 0)))
-    return torch.cat(rows, dim=0)
+            shared = _shared_codes(prefix_cache, idx, hits, pads, slots, shared_quant,
+                                   device or prefix_cache.pool.device)
+        layer.defer_encoding(state, shared, slots if shared is not None else (0, 0))
 
 
 def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,9 +236,8 @@ def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torc
     spec = shared_codes_spec(prefix_cache)
     if spec is None:
         return fields
-    kq, ks, kz = quantize(fields["k"], spec.k_bits, spec.k_group_size)
-    vq, vs, vz = quantize(fields["v"], spec.v_bits, spec.group_size)
-    return {**fields, **dict(zip(CODE_FIELDS, (kq, ks, kz, vq, vs, vz)))}
+    codes = spec.build_codec().encode(fields["k"], fields["v"])
+    return {**fields, **{POOL_CODE_NAMES.get(name, name): t for name, t in codes.items()}}
 
 
 def _stored_lengths(model, sequences, pads, width, kwargs) -> list[int]:

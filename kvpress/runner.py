@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .cache import KVPressCache
 from .config import resolve_config
+from .hf_compat import cache_kwargs
 
 
 @dataclass
@@ -89,7 +90,7 @@ def generate_with_report(
     start = time.perf_counter()
     try:
         out = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+            **inputs, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, do_sample=False,
             prefill_chunk_size=prefill_chunk_size if prefill_chunk_size and n_prompt > prefill_chunk_size else None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )

@@ -9,94 +9,81 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import attention_scores, decode_attention, extend_attention, quantize_store
+from .kernels import KVStore
 from .paged.contiguous import ContiguousStore
-from .quant.codec import dequantize, quantize
+from .quant.codec_base import KVCodec
+from .quant.full_precision import FullPrecisionCodec
 
 _SIXTEEN_BIT = torch.float16
 FLUSH_BLOCK = 16  # window tokens quantized together once the window holds residual + FLUSH_BLOCK tokens
 
 
 class Segment:
-    """One run of tokens: a contiguous store plus how its tokens are encoded (bits 16 = unquantized)."""
+    """One run of tokens: a contiguous store plus the codec its tokens are encoded with (default: as they come)."""
 
-    def __init__(self, k_bits: int = 16, v_bits: int = 16, k_group: int | None = None, v_group: int | None = None,
-                 fp_dtype: torch.dtype | None = None, max_tokens: int | None = None):
+    def __init__(self, codec: KVCodec | None = None, max_tokens: int | None = None):
         self.store = ContiguousStore(max_tokens)
-        self.k_bits, self.v_bits, self.k_group, self.v_group = k_bits, v_bits, k_group, v_group
-        self.fp_dtype = fp_dtype  # dtype for fp32 inputs (16-bit inputs are kept as they are); None: unchanged
+        self.codec = codec if codec is not None else FullPrecisionCodec()
         self._start_cache: tuple | None = None  # (layer kv_start, its version, offset, kv_start - offset)
-        self._span_cache: tuple | None = None  # (layer kv_start, key, (start, end)) of the last span()
 
     @property
     def quantized(self) -> bool:
-        return self.k_bits < 16
+        """Whether the codec stores codes (the kernels then dequantize its tiles)."""
+        return self.codec.quantized
+
+    @property
+    def k_bits(self) -> int:
+        """Bits of the stored keys (16 = unquantized), from the codec: the kernels' tile loads read it."""
+        return self.codec.k_bits
+
+    @property
+    def v_bits(self) -> int:
+        """Bits of the stored values (16 = unquantized), from the codec."""
+        return self.codec.v_bits
+
+    @property
+    def k_group(self) -> int | None:
+        """Head-dim elements per key (scale, zero) pair (None = one group of head_dim), from the codec."""
+        return self.codec.k_group
+
+    @property
+    def v_group(self) -> int | None:
+        """Head-dim elements per value (scale, zero) pair (None = one group of head_dim), from the codec."""
+        return self.codec.v_group
 
     @property
     def length(self) -> int:
         return self.store.length
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encode tokens (B, H, N, D) into this segment's fields."""
-        if not self.quantized:
-            dtype = self.fp_dtype if (self.fp_dtype is not None and k.dtype == torch.float32) else k.dtype
-            return {"k": k.to(dtype), "v": v.to(dtype)}
-        kq, ks, kz = quantize(k, self.k_bits, self.k_group)
-        vq, vs, vz = quantize(v, self.v_bits, self.v_group)
-        return {"k": kq, "k_scale": ks, "k_zero": kz, "v": vq, "v_scale": vs, "v_zero": vz}
+        """Encode tokens (B, H, N, D) into this segment's fields (the codec's)."""
+        return self.codec.encode(k, v)
 
     def decode(self, fields: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype):
-        """Full-precision (K, V) of encoded fields."""
-        if not self.quantized:
-            return fields["k"], fields["v"]
-        k = dequantize(fields["k"], fields["k_scale"], fields["k_zero"], self.k_bits, self.k_group, head_dim, dtype)
-        v = dequantize(fields["v"], fields["v_scale"], fields["v_zero"], self.v_bits, self.v_group, head_dim, dtype)
-        return k, v
+        """Full-precision (K, V) of encoded fields (the codec's)."""
+        return self.codec.decode(fields, head_dim, dtype)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Encode and store tokens at the end; quantized tokens are written in place by the quantize-and-store
-        kernel (Triton on CUDA), so no encoded copy is made first."""
+        """Encode and store tokens at the end; after the first write, tokens are written in place into spare
+        capacity (quantized ones by the quantize-and-store kernel, Triton on CUDA), so no encoded copy is made."""
         store = self.store
         if not store.fields:  # first write: exact-size allocation
-            store.append(self.encode(k, v))
+            store.append(self.codec.encode(k, v))
             return
-        if not self.quantized:  # writing into the existing fields casts (no separate conversion op)
+        if self.codec.passthrough:  # writing into the existing fields casts (no separate conversion op)
             store.append({"k": k, "v": v})
             return
         n = k.shape[2]
         store.reserve(n)
-        fields, table = store.fields, store.block_table()
         dst = torch.full((k.shape[0],), store.length, dtype=torch.int32, device=k.device)
-        for x, name, bits, group in ((k, "k", self.k_bits, self.k_group), (v, "v", self.v_bits, self.v_group)):
-            quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], table, dst, bits, group,
-                           check_values=False)
+        self.codec.store(k, v, store.fields, store.block_table(), dst)
         store.advance(n)
 
     def views(self) -> dict[str, torch.Tensor]:
         return {name: self.store.view(name) for name in self.store.fields}
 
-    def kernel_args(self) -> tuple:
-        f = self.store.fields
-        return (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"),
-                self.store.block_table())
-
-    def span(self, kv_start: torch.Tensor | None, offset: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row [start, end) of this segment's attended tokens, given the layer-wide padding start; the tensors
-        are reused while the inputs and the length stay the same (read-only)."""
-        key = (None if kv_start is None else kv_start._version, offset, self.length, batch, device)
-        cached = self._span_cache
-        if cached is not None and cached[0] is kv_start and cached[1] == key:
-            return cached[2]
-        end = torch.full((batch,), self.length, dtype=torch.int32, device=device)
-        if kv_start is None:
-            span = torch.zeros_like(end), end
-        else:
-            span = (kv_start.to(device) - offset).clamp(0, self.length).to(torch.int32), end
-        self._span_cache = (kv_start, key, span)
-        return span
-
-    def store_args(self, kv_start: torch.Tensor | None, offset: int) -> tuple:
-        """This segment as one store of decode_attention_multi, given the layer-wide padding start.
+    def kernel_store(self, kv_start: torch.Tensor | None, offset: int) -> KVStore:
+        """This segment as one KVStore of the multi-store kernels, given the layer-wide padding start.
 
         Bounds cost no per-step tensor op: the end is the int length, the start 0 without padding, else the layer's
         kv_start shifted by `offset` - built once per (kv_start, offset) and reused - which the kernel clamps into
@@ -110,24 +97,11 @@ class Segment:
             if cached is None or cached[0] is not kv_start or cached[1] != kv_start._version or cached[2] != offset:
                 cached = self._start_cache = (kv_start, kv_start._version, offset, kv_start - offset)
             start = cached[3]
-        return (*self.kernel_args(), start, self.length, self.k_bits, self.v_bits, self.k_group, self.v_group)
-
-    def attend(self, q: torch.Tensor, kv_start, offset: int, sm_scale: float):
-        """Partial attention (out, lse) of q (B, Hq, Q, D) over this segment."""
-        start, end = self.span(kv_start, offset, q.shape[0], q.device)
-        k, v, ks, kz, vs, vz, table = self.kernel_args()
-        args = (k, v, ks, kz, vs, vz, table, start, end, sm_scale, self.k_bits, self.v_bits, self.k_group, self.v_group)
-        if q.shape[2] == 1:
-            out, lse = decode_attention(q[:, :, 0], *args)
-            return out[:, :, None], lse[:, :, None]
-        return extend_attention(q, *args)
-
-    def scores(self, q: torch.Tensor, lse: torch.Tensor, kv_start, offset: int, sm_scale: float) -> torch.Tensor:
-        """Attention probability mass per token of this segment (B, Hkv, length), given the final lse."""
-        start, end = self.span(kv_start, offset, q.shape[0], q.device)
         f = self.store.fields
-        return attention_scores(q, f["k"], f.get("k_scale"), f.get("k_zero"), self.store.block_table(), start, end,
-                                lse, sm_scale, self.k_bits, self.k_group)
+        return KVStore(k=f["k"], v=f["v"], block_table=self.store.block_table(), kv_start=start, kv_end=self.length,
+                       k_bits=self.k_bits, v_bits=self.v_bits, k_scale=f.get("k_scale"), k_zero=f.get("k_zero"),
+                       v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=self.k_group,
+                       v_group=self.v_group)  # fmt: skip
 
 
 class SegmentedKV:
@@ -142,9 +116,9 @@ class SegmentedKV:
         else:
             # The full-precision sinks and window are 16-bit (fp16 for fp32 models): precision far above the
             # quantized middle at a quarter of fp32's bytes.
-            self.sink = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.n_sink)
-            self.main = Segment(quant.k_bits, quant.v_bits, quant.k_group_size, quant.group_size)
-            self.window = Segment(fp_dtype=_SIXTEEN_BIT, max_tokens=quant.residual + FLUSH_BLOCK)
+            self.sink = Segment(FullPrecisionCodec(_SIXTEEN_BIT), max_tokens=quant.n_sink)
+            self.main = Segment(quant.build_codec())
+            self.window = Segment(FullPrecisionCodec(_SIXTEEN_BIT), max_tokens=quant.residual + FLUSH_BLOCK)
         # fp sink slots: n_sink plus the batch's largest left padding (or leading filler slots after a press), so
         # that every row's first n_sink real tokens stay full precision, as in its batch-1 run
         self.n_sink = quant.n_sink if quant is not None else 0
@@ -298,19 +272,13 @@ class SharedPrefix:
         self.fields, self.bits, self.groups = fields, bits, groups
         self.block_table, self.starts, self.ends = (t.to(torch.int32) for t in (block_table, starts, ends))
 
-    def store_args(self) -> tuple:
-        """The shared pages as one store of decode_attention_multi (rows read [starts, ends) of their pages)."""
+    def kernel_store(self) -> KVStore:
+        """The shared pages as one KVStore of the multi-store kernels (rows read [starts, ends) of their pages)."""
         f = self.fields
-        return (f["k"], f["v"], f.get("k_scale"), f.get("k_zero"), f.get("v_scale"), f.get("v_zero"), self.block_table,
-                self.starts, self.ends, *self.bits, *self.groups)
-
-    def attend(self, q: torch.Tensor, sm_scale: float):
-        store = self.store_args()
-        args = (*store[:9], sm_scale, *store[9:])  # the kernels take sm_scale between the bounds and the bits
-        if q.shape[2] == 1:
-            out, lse = decode_attention(q[:, :, 0], *args)
-            return out[:, :, None], lse[:, :, None]
-        return extend_attention(q, *args)
+        (k_bits, v_bits), (k_group, v_group) = self.bits, self.groups
+        return KVStore(k=f["k"], v=f["v"], block_table=self.block_table, kv_start=self.starts, kv_end=self.ends,
+                       k_bits=k_bits, v_bits=v_bits, k_scale=f.get("k_scale"), k_zero=f.get("k_zero"),
+                       v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=k_group, v_group=v_group)
 
     def index_batch(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.block_table.device)

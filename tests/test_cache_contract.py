@@ -38,7 +38,7 @@ def test_update_returns_the_chunk_not_a_concatenation():
     key = torch.randn(1, 2, 1, 16)
     k, v = cache.layers[0].update(key, key.clone())
     assert k is key and k.shape[2] == 1  # no copy of the stored tokens is handed back
-    cache.layers[0].pending = None
+    assert cache.layers[0].consume(k)  # the attention function would take it; the next update may come
 
 
 def test_logical_length_survives_eviction():
@@ -121,3 +121,25 @@ def test_named_caches_configure_their_press_and_codec():
     assert caches["h2o"].stats()["stored_tokens"] <= 20
     assert caches["quant"].stats()["quant"].startswith("int8-int4")
     assert caches["quant"].layers[0].kv.main.length > 0
+
+
+def test_crop_keeps_the_first_tokens_or_removes_from_the_end():
+    """transformers' crop: crop(n > 0) keeps the first n tokens (nothing when the cache is not longer), crop(-n)
+    removes n from the end, crop(0) removes nothing; a cropped cache continues like one never given the tokens."""
+    model = kvpress.wrap(tiny_model("llama"))
+    ids, mask = left_padded_batch(batch=1, length=20)
+    cache = kvpress.KVPressCache(model.config)
+    _prefill(model, cache, ids, mask)
+    keys = cache.layers[0].keys.clone()
+    for keep_all in (50, 21, 20, 0):
+        cache.crop(keep_all)
+        assert cache.get_seq_length() == 20 and torch.equal(cache.layers[0].keys, keys)
+    cache.crop(15)
+    assert cache.get_seq_length() == 15 and torch.equal(cache.layers[0].keys, keys[:, :, :15])
+    cache.crop(-5)
+    assert [layer.get_seq_length() for layer in cache.layers] == [10, 10]
+    assert cache.layers[1].keys.shape[2] == 10 and torch.equal(cache.layers[0].keys, keys[:, :, :10])
+    with torch.no_grad():
+        continued = model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True).logits
+        full = model(input_ids=ids, past_key_values=kvpress.KVPressCache(model.config), use_cache=True).logits
+    torch.testing.assert_close(continued, full[:, 10:], atol=1e-5, rtol=1e-5)

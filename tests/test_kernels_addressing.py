@@ -3,18 +3,17 @@ the launchers apply, and every specialisation against the torch twins on ragged 
 block table: the contiguous store with a capacity that is no power of two, and paged stores of one page per row whose
 table is not the identity: a permuted pool with P == B, a shuffled pool with spare pages, rows sharing a page, an
 out-of-range entry of an empty row), power-of-two pages (shift and mask) and other page sizes (division).
-Tiles of 16 tokens over several splits cross page boundaries (12-token pages) and row starts at odd tokens.
+Tiles of 32 tokens over several splits cross page boundaries (12-token pages) and row starts at odd tokens.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from test_kernels_fixtures import DEVICE, make_store
 
-from kvpress.kernels.decode import decode_attention_reference, store_attention_triton
-from kvpress.kernels.extend import extend_attention_reference
-from kvpress.kernels.multi import decode_attention_multi_reference, decode_attention_multi_triton
-from kvpress.kernels.scores import attention_scores_reference, attention_scores_triton
+from kvpress.kernels.multi import decode_attention_multi_triton
+from kvpress.kernels.reference import decode_attention_multi_reference
 from kvpress.kernels.store_access import store_addressing
 
 KV_HEADS, GROUP, HEAD_DIM = 2, 2, 32
@@ -30,9 +29,9 @@ def _store(layout: str, seed: int = 0):
     if layout == "one-page-p-equals-b":  # pages permuted: row b lives in page perm[b] of a pool of exactly B pages
         perm = torch.tensor([2, 0, 3, 1])
         inverse = torch.argsort(perm)
-        for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero"):
-            setattr(store, name, getattr(store, name)[inverse.to(DEVICE)].contiguous())
-        store.block_table = perm.to(torch.int32)[:, None].to(DEVICE)
+        fields = {name: getattr(store, name)[inverse.to(DEVICE)].contiguous()
+                  for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")}
+        store = replace(store, **fields, block_table=perm.to(torch.int32)[:, None].to(DEVICE))
     elif layout == "one-page-shared":  # row 3 reads row 0's page (prefix sharing of a whole one-page row)
         store.block_table[3, 0] = store.block_table[0, 0]
     if layout.startswith("one-page"):
@@ -59,12 +58,10 @@ def test_addressing_rule_reads_shapes_only() -> None:
 def test_decode_equals_reference(layout: str) -> None:
     store = _store(layout, seed=1)
     q = torch.randn(len(ROWS[0]), KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    out, lse = store_attention_triton(
-        q.unsqueeze(2), *store.args(), 0.3, *store.bits(), block_n=16, num_splits=3
-    )  # fmt: skip
-    ref_out, ref_lse = decode_attention_reference(q, *store.args(), 0.3, *store.bits())
-    torch.testing.assert_close(out.squeeze(2), ref_out, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lse.squeeze(2), ref_lse, atol=1e-4, rtol=1e-4)
+    out, lse = decode_attention_multi_triton(q, (store,), 0.3, num_splits=(3,))
+    ref_out, ref_lse = decode_attention_multi_reference(q, (store,), 0.3)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
     assert bool((lse[2] == -math.inf).all())
 
 
@@ -73,7 +70,7 @@ def test_multi_store_mixes_addressing_modes() -> None:
     stores = [_store(layout, seed=3 + i) for i, layout in enumerate(["contiguous", "paged12", "paged16"])]
     stores.append(_store("one-page-shared", seed=7))
     q = torch.randn(len(ROWS[0]), KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    args = tuple((*s.args(), *s.bits()) for s in stores)
+    args = tuple(stores)
     out, lse = decode_attention_multi_triton(q, args, 0.3, num_splits=(2, 3, 1, 2))
     ref_out, ref_lse = decode_attention_multi_reference(q, args, 0.3)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
@@ -81,12 +78,14 @@ def test_multi_store_mixes_addressing_modes() -> None:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged12", "one-page-p-equals-b", "one-page-shared"])
-def test_attention_scores_equal_reference(layout: str) -> None:
+def test_logit_output_equals_reference(layout: str) -> None:
+    """The fused decode's logits (scores=) are read through the same addressing as the attention."""
     store = _store(layout, seed=11)
     gen = torch.Generator().manual_seed(12)
-    q = torch.randn(len(ROWS[0]), KV_HEADS * GROUP, 2, HEAD_DIM, generator=gen).to(DEVICE)
-    _, lse = extend_attention_reference(q, *store.args(), 0.3, *store.bits())
-    key_args = (store.k, store.k_scale, store.k_zero, store.block_table, store.kv_start, store.kv_end)
-    mass = attention_scores_triton(q, *key_args, lse, 0.3, store.k_bits, store.k_group)
-    expected = attention_scores_reference(q, *key_args, lse, 0.3, store.k_bits, store.k_group)
-    torch.testing.assert_close(mass, expected, atol=1e-4, rtol=1e-4)
+    q = torch.randn(len(ROWS[0]), KV_HEADS * GROUP, HEAD_DIM, generator=gen).to(DEVICE)
+    written = []
+    for impl in (decode_attention_multi_triton, decode_attention_multi_reference):
+        scores = torch.full((len(ROWS[0]), KV_HEADS * GROUP, 50), -1.0, device=DEVICE)
+        impl(q, (store,), 0.3, scores=scores, score_offsets=(5,))
+        written.append(scores)
+    torch.testing.assert_close(written[0], written[1], atol=1e-4, rtol=1e-4)

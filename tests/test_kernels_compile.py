@@ -16,7 +16,7 @@ from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 
 
 def _compile_for_sm90() -> None:
-    """Compile the one-store and multi-store decode kernels for a few store mixes and every addressing mode
+    """Compile the multi-store kernel (one store and several) for a few store mixes and every addressing mode
     (contiguous, 16-token pages, 12-token pages), with the logit output (+ the mass kernel) and the causal chunk
     mode (run as a script)."""
     from kvpress.kernels.compile_only import install_compile_only
@@ -25,37 +25,36 @@ def _compile_for_sm90() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_kernels_fixtures import make_store
 
-    from kvpress.kernels.decode import decode_attention_triton
-    from kvpress.kernels.extend import chunk_store
+    from dataclasses import replace
+
     from kvpress.kernels.mass import add_score_mass_triton
-    from kvpress.kernels.multi import decode_attention_multi_triton, store_attention_multi_triton
+    from kvpress.kernels.multi import decode_attention_multi_triton, extend_attention_multi_triton
+    from kvpress.kernels.store import chunk_store
 
     for head_dim, dtype, bounds_as_ints in ((64, torch.float16, True), (128, torch.bfloat16, False)):
         sink = make_store([0, 2], [4, 4], 2, head_dim, dtype=dtype, seed=1, device="cpu")
         middle = make_store([0, 0], [40, 40], 2, head_dim, 8, 4, head_dim, 32, torch.float32, None, 2, device="cpu")
         window = make_store([0, 0], [9, 9], 2, head_dim, dtype=dtype, seed=3, device="cpu")
         prefix = make_store([0, 3], [32, 20], 2, head_dim, 8, 4, 32, 32, torch.float32, 16, 4, device="cpu")
-        stores = [(*s.args(), *s.bits()) for s in (sink, middle, window, prefix)]
+        stores = [sink, middle, window, prefix]
         if bounds_as_ints:
-            stores[0] = (*stores[0][:7], 0, 4, *stores[0][9:])
+            stores[0] = replace(sink, kv_start=0, kv_end=4)
         q = torch.randn(2, 8, head_dim).to(dtype)
         decode_attention_multi_triton(q, tuple(stores[: 3 if bounds_as_ints else 4]), 0.1, out_dtype=dtype)
-        decode_attention_triton(q, *middle.args(), 0.1, *middle.bits())
+        decode_attention_multi_triton(q, (middle,), 0.1)
         if not bounds_as_ints:  # H2O: the logit output, and the mass pass over it
             scores = torch.empty(2, 8, 4 + 40 + 9, dtype=torch.float32)
             _, lse = decode_attention_multi_triton(q, tuple(stores[:3]), 0.1, scores=scores, score_offsets=(0, 4, 44))
             add_score_mass_triton(torch.zeros(2, 2, scores.shape[2]), scores, lse, torch.tensor([0, 2]))
         chunk = torch.randn(2, 2, 70, head_dim).to(dtype)  # extend: stored segments + the chunk itself, causal
-        store_attention_multi_triton(torch.randn(2, 8, 70, head_dim).to(dtype),
-                                     (*stores[:3], chunk_store(chunk, chunk, torch.tensor([0, 5]))), 0.1, dtype,
-                                     causal=(False, False, False, True))  # fmt: skip
+        extend_attention_multi_triton(torch.randn(2, 8, 70, head_dim).to(dtype),
+                                      (*stores[:3], chunk_store(chunk, chunk, torch.tensor([0, 5]))), 0.1, dtype)
         if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
             paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
-            decode_attention_triton(q, *paged12.args(), 0.1, *paged12.bits())
+            decode_attention_multi_triton(q, (paged12,), 0.1)
     compiled = [(name, len(kernel.asm["cubin"])) for name, kernel in compiled]
     names = {name for name, size in compiled if size > 0}
-    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_split_attention_kernel",
-            "_add_score_mass_kernel"} <= names, compiled  # fmt: skip
+    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_add_score_mass_kernel"} <= names, compiled
     print("compiled", compiled)
 
 

@@ -14,12 +14,11 @@ def _tiny_llama_head_dim_32():
     return AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval()
 
 
-def _generate(monkeypatch, backend: str, quant: str, press):
-    monkeypatch.setenv("KVPRESS_KERNELS", backend)
+def _generate(backend: str, quant: str, press):
     model = kvpress.wrap(_tiny_llama_head_dim_32())
     ids, mask = left_padded_batch(batch=2, length=24, pads=(0, 5))
     cache = kvpress.KVPressCache(model.config, quant=quant, press=press)
-    with torch.no_grad():
+    with torch.no_grad(), kvpress.kernels.use_backend(backend):
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
                              do_sample=False, pad_token_id=0, eos_token_id=None, prefill_chunk_size=16,
                              output_logits=True, return_dict_in_generate=True)
@@ -27,10 +26,10 @@ def _generate(monkeypatch, backend: str, quant: str, press):
 
 
 @pytest.mark.parametrize("press", [None, "h2o:0.0:max_tokens=40,recent=4"])
-def test_triton_and_reference_generate_the_same_tokens(monkeypatch, press):
+def test_triton_and_reference_generate_the_same_tokens(press):
     quant = "int8-int4:g8:r4:s2"  # tiny window so the quantized middle is read by the kernels
-    ref = _generate(monkeypatch, "reference", quant, press)
-    tri = _generate(monkeypatch, "triton", quant, press)
+    ref = _generate("reference", quant, press)
+    tri = _generate("triton", quant, press)
     assert torch.equal(ref.sequences, tri.sequences)
     for a, b in zip(ref.logits, tri.logits):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

@@ -1,17 +1,30 @@
-"""extend_attention: Q queries over all stored tokens (no causal mask). The twin equals plain float64 attention,
+"""extend_attention_multi: Q queries over all stored tokens of a store (no causal mask), then with the chunk itself
+as a causal store. The twin equals plain float64 attention,
 Triton (interpreted on CPU) equals the twin to 1e-4 with fp32 queries, and merging with attention over a new
 chunk reproduces attention over the whole sequence.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from test_kernels_fixtures import DEVICE, make_store, plain_attention
 
 import kvpress.kernels as kernels
-from kvpress.kernels.extend import chunk_store, extend_attention_reference, extend_attention_triton
+from kvpress.kernels import KVStore, chunk_store
 from kvpress.kernels.merge import merge_attention_states
-from kvpress.kernels.multi import store_attention_multi_reference, store_attention_multi_triton
+from kvpress.kernels.multi import extend_attention_multi_triton
+from kvpress.kernels.reference import extend_attention_multi_reference
+
+
+def extend_attention_reference(q, store, sm_scale):
+    """One store through the multi-store twin."""
+    return extend_attention_multi_reference(q, (store,), sm_scale)
+
+
+def extend_attention_triton(q, store, sm_scale):
+    """One store through the multi-store kernel."""
+    return extend_attention_multi_triton(q, (store,), sm_scale)
 
 # (kv_heads, group, num_queries, head_dim, k_bits, v_bits, k_group, v_group, store dtype, page_size)
 CASES = {
@@ -34,7 +47,7 @@ def _inputs(case: str, seed: int = 0):
 @pytest.mark.parametrize("case", CASES)
 def test_reference_equals_plain_attention(case: str) -> None:
     store, q, sm_scale = _inputs(case)
-    out, lse = extend_attention_reference(q, *store.args(), sm_scale, *store.bits())
+    out, lse = extend_attention_reference(q, store, sm_scale)
     expected_out, expected_lse = plain_attention(q, store, sm_scale)
     torch.testing.assert_close(out.cpu().double(), expected_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-5, rtol=1e-5)
@@ -43,8 +56,8 @@ def test_reference_equals_plain_attention(case: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_triton_equals_reference(case: str) -> None:
     store, q, sm_scale = _inputs(case, seed=5)
-    out, lse = extend_attention_triton(q, *store.args(), sm_scale, *store.bits())
-    ref_out, ref_lse = extend_attention_reference(q, *store.args(), sm_scale, *store.bits())
+    out, lse = extend_attention_triton(q, store, sm_scale)
+    ref_out, ref_lse = extend_attention_reference(q, store, sm_scale)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
@@ -53,8 +66,8 @@ def test_triton_equals_reference(case: str) -> None:
 
 def test_half_precision_queries_stay_close() -> None:
     store, q, sm_scale = _inputs("int8k-int4v-gqa8-q9-paged", seed=8)
-    out, lse = extend_attention_triton(q.bfloat16(), *store.args(), sm_scale, *store.bits())
-    ref_out, ref_lse = extend_attention_reference(q.bfloat16(), *store.args(), sm_scale, *store.bits())
+    out, lse = extend_attention_triton(q.bfloat16(), store, sm_scale)
+    ref_out, ref_lse = extend_attention_reference(q.bfloat16(), store, sm_scale)
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
 
@@ -67,11 +80,11 @@ def test_store_attention_merged_with_causal_chunk_equals_full_causal_attention(i
     values = torch.randn(1, kv_heads, past + chunk, head_dim, generator=gen)
     q = torch.randn(1, kv_heads * group, chunk, head_dim, generator=gen)
     sm_scale = 0.125
-    past_out, past_lse = impl(
-        q.to(DEVICE), keys[:, :, :past].to(DEVICE), values[:, :, :past].to(DEVICE), None, None, None, None,
-        torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), torch.tensor([0], dtype=torch.int32, device=DEVICE),
-        torch.tensor([past], dtype=torch.int32, device=DEVICE), sm_scale, 16, 16, None, None,
-    )  # fmt: skip
+    store = KVStore(k=keys[:, :, :past].to(DEVICE), v=values[:, :, :past].to(DEVICE),
+                    block_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+                    kv_start=torch.tensor([0], dtype=torch.int32, device=DEVICE),
+                    kv_end=torch.tensor([past], dtype=torch.int32, device=DEVICE))
+    past_out, past_lse = impl(q.to(DEVICE), store, sm_scale)
     new_k = keys[:, :, past:].repeat_interleave(group, 1)
     new_v = values[:, :, past:].repeat_interleave(group, 1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool).tril()
@@ -90,8 +103,8 @@ def test_store_attention_merged_with_causal_chunk_equals_full_causal_attention(i
 
 def test_decode_shaped_query_is_rejected() -> None:
     store, q, sm_scale = _inputs("fp32-gqa1-q5-contiguous")
-    with pytest.raises(ValueError, match="extend q"):
-        extend_attention_reference(q[:, :, 0], *store.args(), sm_scale, *store.bits())
+    with pytest.raises(ValueError, match=r"\(B, Hq, Q, D\)"):
+        extend_attention_reference(q[:, :, 0], store, sm_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,7 +138,7 @@ def _plain_causal(q, k, v, start, sm_scale, past_k=None, past_v=None, past_start
     return probs @ vd, lse
 
 
-IMPLS = {"twin": store_attention_multi_reference, "triton": store_attention_multi_triton}
+IMPLS = {"twin": extend_attention_multi_reference, "triton": extend_attention_multi_triton}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -135,13 +148,13 @@ def test_causal_chunk_store_equals_plain_causal_attention(impl, shape) -> None:
     q, k, v = _chunk_inputs(batch, kv_heads, group, length, head_dim, torch.float32, seed=sum(shape))
     start = torch.tensor([0, length // 3, length - 1][:batch], dtype=torch.int32, device=DEVICE)  # left padding
     sm_scale = head_dim**-0.5
-    out, lse = IMPLS[impl](q, (chunk_store(k, v, start),), sm_scale, causal=(True,))
+    out, lse = IMPLS[impl](q, (chunk_store(k, v, start),), sm_scale)
     assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
     plain_out, plain_lse = _plain_causal(q, k, v, start, sm_scale)
     tol = 1e-5 if impl == "twin" else 1e-4
     torch.testing.assert_close(out.cpu().double(), plain_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.cpu().double(), plain_lse, atol=tol, rtol=tol)  # -inf for padding queries
-    out, _ = IMPLS[impl](q, (chunk_store(k, v, None),), sm_scale, causal=(True,))  # None: no padding
+    out, _ = IMPLS[impl](q, (chunk_store(k, v, None),), sm_scale)  # None: no padding
     torch.testing.assert_close(out.cpu().double(), _plain_causal(q, k, v, torch.zeros(batch), sm_scale)[0],
                                atol=tol, rtol=tol)  # fmt: skip
 
@@ -156,8 +169,8 @@ def test_one_call_over_quantized_past_and_causal_chunk(impl) -> None:
     start = torch.tensor([0, 0, 6], dtype=torch.int32, device=DEVICE)
     past_start = past.kv_start.clone()
     past_start[2] = 45  # row 2 is all padding in the past: its first real token is in the chunk
-    stores = ((*past.args()[:7], past_start.to(DEVICE), past.kv_end, *past.bits()), chunk_store(k, v, start))
-    out, lse = IMPLS[impl](q, stores, 0.125, causal=(False, True))
+    stores = (replace(past, kv_start=past_start.to(DEVICE)), chunk_store(k, v, start))
+    out, lse = IMPLS[impl](q, stores, 0.125)
     dense_k, dense_v = past.dense_k[:, :, :45], past.dense_v[:, :, :45]  # the dense tokens beyond kv_end: capacity
     plain_out, plain_lse = _plain_causal(q, k, v, start, 0.125, dense_k, dense_v, past_start)
     torch.testing.assert_close(out.cpu().double(), plain_out, atol=1e-4, rtol=1e-4)
@@ -167,8 +180,8 @@ def test_one_call_over_quantized_past_and_causal_chunk(impl) -> None:
 def test_causal_chunk_in_half_precision() -> None:
     q, k, v = _chunk_inputs(2, 2, 4, 33, 64, torch.float16, seed=7)
     stores = (chunk_store(k, v, torch.tensor([0, 3], device=DEVICE)),)
-    ref_out, ref_lse = store_attention_multi_reference(q, stores, 0.125, causal=(True,))
-    out, lse = store_attention_multi_triton(q, stores, 0.125, torch.float16, causal=(True,))
+    ref_out, ref_lse = extend_attention_multi_reference(q, stores, 0.125)
+    out, lse = extend_attention_multi_triton(q, stores, 0.125, torch.float16)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
@@ -178,10 +191,10 @@ def test_multi_store_extend_arguments_are_checked() -> None:
     q, k, v = _chunk_inputs(1, 1, 2, 8, 32, torch.float32, seed=8)
     with pytest.raises(ValueError, match="chunk k and v"):
         chunk_store(k, v[:, :, :7], None)
-    with pytest.raises(ValueError, match="one bool per store"):
-        kernels.extend_attention_multi(q, (chunk_store(k, v, None),), 0.1, causal=(True, False))
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        kernels.extend_attention_multi(q, (replace(chunk_store(k, v, None), causal=1),), 0.1)
     with pytest.raises(ValueError, match="for decode"):
-        store_attention_multi_triton(q, (chunk_store(k, v, None),), 0.1, scores=torch.zeros(1, 2, 8),
+        extend_attention_multi_triton(q, (chunk_store(k, v, None),), 0.1, scores=torch.zeros(1, 2, 8),
                                      score_offsets=(0,))  # fmt: skip
 
 
@@ -220,16 +233,15 @@ def test_chunked_prefill_is_one_kernel_call_per_layer_and_chunk(monkeypatch: pyt
     calls = []
     real = attention.extend_attention_multi
     monkeypatch.setattr(attention, "extend_attention_multi", lambda q, stores, *a, **k: calls.append(
-        (len(stores), k["causal"], stores[-1][7].tolist())) or real(q, stores, *a, **k))  # fmt: skip
+        (len(stores), tuple(s.causal for s in stores), stores[-1].kv_start.tolist())) or real(q, stores, *a, **k))
     monkeypatch.setattr(attention, "_chunk_attention", lambda *a: pytest.fail("masked torch path taken"))
     torch.manual_seed(0)
     model = kvpress.wrap(AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval())
     ids, mask = left_padded_batch(batch=2, length=24, pads=(0, 20))
     results = {}
     for backend in ("triton", "reference"):
-        monkeypatch.setenv("KVPRESS_KERNELS", backend)
         cache = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2")
-        with torch.no_grad():
+        with torch.no_grad(), kernels.use_backend(backend):
             results[backend] = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                               max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
                                               prefill_chunk_size=16, output_logits=True,

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kvpress.kernels import KVStore
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs interpreted on CPU (tests/conftest.py)
 
 
@@ -38,34 +40,12 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (grouped * scale.double()[..., None] + zero.double()[..., None]).reshape(values.shape)
 
 
-@dataclass
-class Store:
-    """Kernel arguments of one store plus the dense float64 K/V (B, Hkv, T, D) the kernels should see."""
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Store(KVStore):
+    """A KVStore (tensor bounds) plus the dense float64 K/V (B, Hkv, T, D) the kernels should see."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    k_scale: torch.Tensor | None
-    k_zero: torch.Tensor | None
-    v_scale: torch.Tensor | None
-    v_zero: torch.Tensor | None
-    block_table: torch.Tensor
-    kv_start: torch.Tensor
-    kv_end: torch.Tensor
-    k_bits: int
-    v_bits: int
-    k_group: int | None
-    v_group: int | None
     dense_k: torch.Tensor
     dense_v: torch.Tensor
-
-    def args(self) -> tuple:
-        """Positional store arguments k .. kv_end as the kernels take them."""
-        return (self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
-                self.block_table, self.kv_start, self.kv_end)  # fmt: skip
-
-    def bits(self) -> tuple:
-        """Trailing (k_bits, v_bits, k_group, v_group) arguments."""
-        return self.k_bits, self.v_bits, self.k_group, self.v_group
 
 
 def _encode(x: torch.Tensor, bits: int, group: int | None, dtype: torch.dtype):
@@ -125,14 +105,13 @@ def make_store(
         block_table = order.to(torch.int32).clone()
         for b, end in enumerate(kv_end):
             block_table[b, -(-end // page_size) :] = 10_000 + b  # never read: past the row's last page
-    fields = [k, v, k_scale, k_zero, v_scale, v_zero]
-    fields = [t.to(device) if t is not None else None for t in fields]
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
     return Store(
-        *fields, block_table.to(device),
-        torch.tensor(kv_start, dtype=torch.int32, device=device),
-        torch.tensor(kv_end, dtype=torch.int32, device=device),
-        k_bits, v_bits, k_group, v_group, dense_k, dense_v,
-    )  # fmt: skip
+        k=on(k), v=on(v), k_scale=on(k_scale), k_zero=on(k_zero), v_scale=on(v_scale), v_zero=on(v_zero),
+        block_table=block_table.to(device), kv_start=torch.tensor(kv_start, dtype=torch.int32, device=device),
+        kv_end=torch.tensor(kv_end, dtype=torch.int32, device=device), k_bits=k_bits, v_bits=v_bits,
+        k_group=k_group, v_group=v_group, dense_k=dense_k, dense_v=dense_v,
+    )
 
 
 def plain_attention(q: torch.Tensor, store: Store, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

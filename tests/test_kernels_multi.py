@@ -1,26 +1,23 @@
 """decode_attention_multi: one query per row over several stores in one split-K launch + one combine launch.
 
-The torch twin equals (a) per-store decode_attention_reference merged pairwise with merge_attention_states and (b)
+The torch twin equals (a) the one-store twin per store merged pairwise with merge_attention_states and (b)
 plain float64 attention over the concatenation of every store's dense tokens; the Triton kernel (interpreted on CPU)
 equals the twin. Stores mimic a quantized layer: fp16 sinks, an int8-K / int4-V middle, an fp16 window (GQA 4:1,
 ragged rows: row 1 has an empty sink span, row 2 an empty middle), contiguous (block table (B, 1), row b -> page b)
 or paged, plus a paged quantized "shared prefix" as a fourth store. Tolerances as in test_kernels_decode.py.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from test_kernels_fixtures import DEVICE, make_store
 
 import kvpress.kernels as kernels
-from kvpress.kernels.decode import decode_attention_reference
 from kvpress.kernels.merge import merge_attention_states
-from kvpress.kernels.multi import (
-    MAX_STORES,
-    decode_attention_multi_reference,
-    decode_attention_multi_triton,
-    multi_split_counts,
-)
+from kvpress.kernels.multi import decode_attention_multi_triton, multi_split_counts
+from kvpress.kernels.reference import decode_attention_multi_reference
+from kvpress.kernels.store import MAX_STORES
 
 HEAD_DIM, KV_HEADS, GROUP = 32, 1, 4  # GQA 4:1; head_dim 32 is the smallest the Triton kernels take
 # per store: (kv_start, kv_end) of the 4 rows
@@ -35,7 +32,7 @@ def _stores(v_group, page_size=None, prefix=False, seed=0):
     sink = make_store(*SINK, KV_HEADS, HEAD_DIM, dtype=torch.float16, seed=seed)
     middle = make_store(*MIDDLE, KV_HEADS, HEAD_DIM, 8, 4, HEAD_DIM, v_group or HEAD_DIM, torch.float32, page_size,
                         seed + 1)  # fmt: skip
-    middle.k_group, middle.v_group = None, v_group  # None: one group per token, passed through to the kernels
+    middle = replace(middle, k_group=None, v_group=v_group)  # None: one group per token, passed through
     window = make_store(*WINDOW, KV_HEADS, HEAD_DIM, dtype=torch.float16, seed=seed + 2)
     stores = [sink, middle, window]
     if prefix:
@@ -44,7 +41,7 @@ def _stores(v_group, page_size=None, prefix=False, seed=0):
 
 
 def _args(stores) -> tuple:
-    return tuple((*s.args(), *s.bits()) for s in stores)
+    return tuple(stores)
 
 
 def _query(dtype=torch.float32, seed=1):
@@ -56,7 +53,7 @@ def _per_store_then_merge(q, stores, sm_scale):
     """Independent oracle: one decode_attention_reference per store, merged pairwise."""
     out, lse = None, None
     for s in stores:
-        o, l = decode_attention_reference(q, *s.args(), sm_scale, *s.bits())
+        o, l = decode_attention_multi_reference(q, (s,), sm_scale)
         out, lse = (o, l) if out is None else merge_attention_states(out, lse, o, l)
     return out, lse
 
@@ -137,14 +134,15 @@ def test_int_bounds_and_unclamped_starts() -> None:
     q = _query(seed=14)
     layer_start = torch.tensor([0, 9, 2, 70], dtype=torch.int32, device=DEVICE)  # in the middle's coordinates + 4
     stores = (
-        (*sink.args()[:7], 0, 4, *sink.bits()),
-        (*middle.args()[:7], layer_start - 4, 60, *middle.bits()),  # -4 -> 0, 66 -> 60 (empty)
-        (*window.args()[:7], 3, 9, *window.bits()),
+        replace(sink, kv_start=0, kv_end=4),
+        replace(middle, kv_start=layer_start - 4, kv_end=60),  # -4 -> 0, 66 -> 60 (empty)
+        replace(window, kv_start=3, kv_end=9),
     )
-    for s, start, end in ((sink, [0] * 4, 4), (middle, [0, 5, 0, 60], 60), (window, [3] * 4, 9)):
-        s.kv_start = torch.tensor(start, dtype=torch.int32, device=DEVICE)
-        s.kv_end = torch.full((4,), end, dtype=torch.int32, device=DEVICE)
-    explicit = [sink, middle, window]
+    explicit = [
+        replace(s, kv_start=torch.tensor(start, dtype=torch.int32, device=DEVICE),
+                kv_end=torch.full((4,), end, dtype=torch.int32, device=DEVICE))
+        for s, start, end in ((sink, [0] * 4, 4), (middle, [0, 5, 0, 60], 60), (window, [3] * 4, 9))
+    ]  # fmt: skip
     ref_out, ref_lse = _per_store_then_merge(q, explicit, 0.25)
     for impl in (decode_attention_multi_reference, decode_attention_multi_triton):
         out, lse = impl(q, stores, 0.25)
@@ -172,20 +170,20 @@ def test_dispatch_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     stores = _stores(16, seed=15)
     q = _query(seed=16)
     for backend in ("reference", "triton"):
-        monkeypatch.setenv("KVPRESS_KERNELS", backend)
         calls = []
         name = f"decode_attention_multi_{backend}"
         real = getattr(kernels.dispatch, name)
-        monkeypatch.setattr(kernels.dispatch, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-        kernels.decode_attention_multi(q, _args(stores[:1]), 0.2)
+        monkeypatch.setattr(kernels.dispatch, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+        with kernels.use_backend(backend):
+            kernels.decode_attention_multi(q, _args(stores[:1]), 0.2)
         assert calls == [1]
     with pytest.raises(ValueError, match="1 to 5 stores"):
         decode_attention_multi_reference(q, _args(stores) * 2, 0.2)
     assert MAX_STORES == 5
-    with pytest.raises(ValueError, match="got 9 items"):
-        decode_attention_multi_reference(q, (stores[0].args(),), 0.2)
+    with pytest.raises(ValueError, match="must be a KVStore"):
+        decode_attention_multi_reference(q, ((stores[0].k, stores[0].v),), 0.2)
     with pytest.raises(ValueError, match="int >= 0"):
-        decode_attention_multi_reference(q, ((*stores[0].args()[:7], -1, 4, *stores[0].bits()),), 0.2)
+        decode_attention_multi_reference(q, (replace(stores[0], kv_start=-1, kv_end=4),), 0.2)
     with pytest.raises(ValueError, match="decode q"):
         decode_attention_multi_reference(q[:, :, None], _args(stores), 0.2)
     with pytest.raises(ValueError, match="one count >= 1 per store"):
@@ -193,63 +191,33 @@ def test_dispatch_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# In the model: the decode step of a quantized layer makes one decode_attention_multi call and generates what the
-# per-segment path (KVPRESS_DECODE=segments) generates, H2O mass included.
+# In the model: the decode step of a quantized layer makes one decode_attention_multi call per layer, H2O included
+# (its logits come from the same call).
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _generate(monkeypatch: pytest.MonkeyPatch, mode: str, press, calls: list | None = None):
+@pytest.mark.parametrize("press", [None, "h2o:0.0:max_tokens=24,recent=4"])
+def test_fused_decode_is_one_call_per_step_and_layer(monkeypatch: pytest.MonkeyPatch, press) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import kvpress
     import kvpress.attention
     from tiny_models import COMMON, left_padded_batch
 
-    monkeypatch.setenv("KVPRESS_DECODE", mode)
-    monkeypatch.setenv("KVPRESS_KERNELS", "reference")
-    if calls is not None:
-        real = kvpress.attention.decode_attention_multi
-        monkeypatch.setattr(kvpress.attention, "decode_attention_multi",
-                            lambda q, stores, *a, **k: calls.append(len(stores)) or real(q, stores, *a, **k))
+    calls: list[int] = []
+    real = kvpress.attention.decode_attention_multi
+    monkeypatch.setattr(kvpress.attention, "decode_attention_multi",
+                        lambda q, stores, *a, **k: calls.append(len(stores)) or real(q, stores, *a, **k))
     torch.manual_seed(0)
     model = kvpress.wrap(AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "head_dim": 32})).eval())
     ids, mask = left_padded_batch(batch=2, length=24, pads=(0, 5))
     cache = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2", press=press)
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20,
-                              do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-                              return_dict_in_generate=True)  # fmt: skip
-
-
-@pytest.mark.parametrize("press", [None, "h2o:0.0:max_tokens=24,recent=4"])
-def test_fused_decode_generates_what_the_per_segment_decode_does(monkeypatch: pytest.MonkeyPatch, press) -> None:
-    calls: list[int] = []
-    fused = _generate(monkeypatch, "fused", press, calls)
-    per_segment = _generate(monkeypatch, "segments", press)
-    assert torch.equal(fused.sequences, per_segment.sequences)
-    for a, b in zip(fused.logits, per_segment.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # one call per decode step and layer, over the 3 segments (H2O's bound may empty the quantized middle: the
-    # padded batch's fp sinks are widened by its padding)
+    with torch.no_grad(), kernels.use_backend("reference"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=20, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+    # over the 3 segments (H2O's bound may empty the quantized middle: the padded batch's fp sinks are widened by
+    # its padding)
     assert len(calls) == 19 * 2 and 3 in calls and set(calls) <= ({3} if press is None else {2, 3})
-
-
-def test_decode_mode_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvpress.attention import DECODE_ENV, decode_mode
-
-    monkeypatch.delenv(DECODE_ENV, raising=False)
-    assert decode_mode() == "fused"
-    monkeypatch.setenv(DECODE_ENV, " Segments ")
-    assert decode_mode() == "segments"
-    monkeypatch.setenv(DECODE_ENV, "fast")
-    with pytest.raises(ValueError, match=DECODE_ENV):
-        decode_mode()
-
-
-def test_launch_passes_the_kernel_parameters_in_signature_order() -> None:
-    from kvpress.kernels.multi import _multi_split_attention_kernel, launch_arg_names
-
-    assert list(_multi_split_attention_kernel.arg_names) == launch_arg_names()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +340,7 @@ def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
     base = list(_args(stores))
     clear_plans()
     for step, window_end in enumerate((5, 7, 9)):
-        window = (*base[2][:7], 0, window_end, *base[2][9:])  # int bounds: rows share them
+        window = replace(base[2], kv_start=0, kv_end=window_end)  # int bounds: rows share them
         args = (base[0], base[1], window)
         offsets, length = _score_layout(stores)
         offsets = (offsets[0], offsets[1] + step, offsets[2] + step)  # as when a segment before them grows
@@ -384,12 +352,12 @@ def test_repeated_launches_reuse_one_plan_and_follow_every_call() -> None:
         for got, want in zip(results[0], results[1]):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert cached_plans() == 1
-    replaced = (base[0], (base[1][0].clone(), *base[1][1:]), window)  # a store that grew: new tensors
+    replaced = (base[0], replace(base[1], k=base[1].k.clone()), window)  # a store that grew: new tensors
     out, _ = decode_attention_multi_triton(q, replaced, sm_scale)
     torch.testing.assert_close(out, decode_attention_multi_reference(q, replaced, sm_scale)[0], atol=1e-4, rtol=1e-4)
     assert cached_plans() == 2  # the replaced store's (without logits) beside the first
     with pytest.raises(ValueError, match="int >= 0"):
-        decode_attention_multi_triton(q, (base[0], base[1], (*window[:8], -1, *window[9:])), sm_scale)
+        decode_attention_multi_triton(q, (base[0], base[1], replace(window, kv_end=-1)), sm_scale)
 
 
 def test_nothing_to_attend_launches_nothing() -> None:

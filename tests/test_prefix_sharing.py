@@ -191,3 +191,20 @@ def test_beam_search_and_several_samples_per_prompt(compression, pool_quant):
     assert sampled.shape == (6, second.shape[1] + 4)
     prefix_cache.check_invariants()
     assert prefix_cache.stats()["live_matches"] == 0
+
+
+@pytest.mark.parametrize("prefix", [False, True], ids=["plain", "prefix-cache"])
+def test_generate_many_returns_every_returned_sequence_of_each_prompt_in_order(prefix):
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(4)
+    doc = torch.randint(3, 128, (40,), generator=g).tolist()
+    prompts = [doc + [90, 91], [120] + doc[:20], doc + [4, 5, 6, 7, 8]]  # sorted order differs from this one
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2, eos_token_id=None,
+                 pad_token_id=0)
+    reference = [model.generate(input_ids=torch.tensor([p]), **beams)[:, len(p):].tolist() for p in prompts]
+    assert reference[0] != reference[2]
+    if prefix:
+        kvpress.wrap(model, paged=True, prefix_cache=kvpress.PrefixCache(max_tokens=1024))
+        kvpress.generate_many(model, prompts[:1], **GEN)  # warm: later rows hit
+    out = kvpress.generate_many(model, prompts, batch_size=3, **beams)
+    assert out == reference  # per prompt, in the caller's order: its 2 sequences, as generate orders them

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from kvpress.presses import BasePress, KnormPress, SnapKVPress, StreamingLLMPress, forced_keep_mask, select_indices
+from kvpress.presses import (BasePress, KnormPress, ScoringInputs, SnapKVPress, StreamingLLMPress, forced_keep_mask,
+                             select_indices)
 
 
 def test_n_keep_rounds_up_and_ratio_zero_keeps_all() -> None:
@@ -129,5 +130,5 @@ def test_streaming_keeps_sinks_and_most_recent() -> None:
     press = StreamingLLMPress(compression_ratio=0.5)
     keys = torch.randn(1, 2, 12, 4)
     valid = torch.ones(1, 12, dtype=torch.bool)
-    idx = press.keep_indices(keys, keys, None, None, 1.0, valid)
+    idx = press.keep_indices(ScoringInputs(keys, keys, valid, 1.0))
     assert idx.tolist() == [[[0, 1, 2, 3, 10, 11]] * 2]

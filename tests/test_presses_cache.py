@@ -82,7 +82,7 @@ def test_h2o_mass_equals_full_attention_reference():
     for layer, weights in zip(cache.layers, attn):
         weights = weights * mask[:, None, :, None]  # padding queries do not vote
         ref = weights.sum(dim=2).view(2, 2, 2, 20).sum(dim=2)  # (B, Hkv, T): over queries and the GQA group
-        torch.testing.assert_close(layer.mass, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.press_state.mass, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_h2o_max_tokens_bounds_decode_and_memory_stays_flat():

@@ -1,7 +1,8 @@
 """Tests of the press registry and the spec-string parser."""
 import pytest
 
-from kvpress.presses import PRESSES, H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress, parse_press
+from kvpress.presses import (PRESSES, H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress, TOVAPress,
+                             parse_press)
 
 
 def test_registry_names() -> None:
@@ -11,6 +12,7 @@ def test_registry_names() -> None:
         "streaming": StreamingLLMPress,
         "knorm": KnormPress,
         "random": RandomPress,
+        "tova": TOVAPress,
     }
 
 

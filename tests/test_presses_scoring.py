@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvpress.presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress
+from kvpress.presses import H2OPress, KnormPress, RandomPress, ScoringInputs, SnapKVPress, StreamingLLMPress
 
 
 def reference_snapkv(
@@ -40,7 +40,7 @@ def test_snapkv_matches_reference(kernel: int) -> None:
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, :3] = False
     press = SnapKVPress(compression_ratio=0.5, window_size=4, kernel_size=kernel)
-    got = press.score(keys, keys, queries, None, 0.5, valid)
+    got = press.score(ScoringInputs(keys, keys, valid, 0.5, queries=queries))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, reference_snapkv(queries, keys, 0.5, valid, 4, kernel), rtol=1e-5, atol=1e-6)
 
@@ -51,12 +51,12 @@ def test_snapkv_hand_made_case_keeps_the_attended_token() -> None:
     queries = torch.tensor([2.0, 2.0]).reshape(1, 1, 2, 1)
     valid = torch.ones(1, 6, dtype=torch.bool)
     press = SnapKVPress(compression_ratio=0.5, window_size=2, kernel_size=1)
-    scores = press.score(keys, keys, queries, None, 1.0, valid)
+    scores = press.score(ScoringInputs(keys, keys, valid, 1.0, queries=queries))
     # query at 4 sees keys 0..4: logits 0, 6, -2, 0, 0; query at 5 sees 0..5: 0, 6, -2, 0, 0, 0
     e = torch.tensor(6.0).exp()
     expected_key1 = 0.5 * (e / (e + torch.tensor(-2.0).exp() + 3) + e / (e + torch.tensor(-2.0).exp() + 4))
     assert scores[0, 0, 1].item() == pytest.approx(expected_key1.item(), rel=1e-5)
-    idx = press.keep_indices(keys, keys, queries, None, 1.0, valid)
+    idx = press.keep_indices(ScoringInputs(keys, keys, valid, 1.0, queries=queries))
     assert idx.tolist() == [[[1, 4, 5]]]  # key 1 plus the window (recent = window_size)
 
 
@@ -66,7 +66,7 @@ def test_snapkv_short_prompt_uses_all_queries_and_keeps_everything() -> None:
     valid = torch.ones(1, 3, dtype=torch.bool)
     press = SnapKVPress(compression_ratio=0.5, window_size=8)
     assert press.query_window == 8
-    scores = press.score(keys, keys, queries, None, 0.5, valid)
+    scores = press.score(ScoringInputs(keys, keys, valid, 0.5, queries=queries))
     torch.testing.assert_close(scores, reference_snapkv(queries, keys, 0.5, valid, 3, 5))
     assert press.n_keep(3) == 3
 
@@ -74,7 +74,7 @@ def test_snapkv_short_prompt_uses_all_queries_and_keeps_everything() -> None:
 def test_snapkv_requires_queries_and_valid_sizes() -> None:
     keys = torch.randn(1, 1, 5, 4)
     with pytest.raises(ValueError, match="queries"):
-        SnapKVPress().score(keys, keys, None, None, 0.5, torch.ones(1, 5, dtype=torch.bool))
+        SnapKVPress().score(ScoringInputs(keys, keys, torch.ones(1, 5, dtype=torch.bool), 0.5))
     with pytest.raises(ValueError, match="kernel_size"):
         SnapKVPress(kernel_size=4)
     with pytest.raises(ValueError, match="window_size"):
@@ -88,13 +88,14 @@ def test_h2o_scores_are_the_attention_mass() -> None:
     keys = torch.randn(1, 2, 5, 4)
     mass = torch.tensor([[[5.0, 0.0, 4.0, 1.0, 0.0], [0.0, 3.0, 0.0, 2.0, 0.0]]], dtype=torch.float64)
     valid = torch.ones(1, 5, dtype=torch.bool)
-    scores = press.score(keys, keys, None, mass, 1.0, valid)
+    scores = press.score(ScoringInputs(keys, keys, valid, 1.0, attention_mass=mass))
     assert scores.dtype == torch.float32 and torch.equal(scores, mass.float())
-    assert press.keep_indices(keys, keys, None, mass, 1.0, valid).tolist() == [[[0, 2, 4], [1, 3, 4]]]
+    kept = press.keep_indices(ScoringInputs(keys, keys, valid, 1.0, attention_mass=mass))
+    assert kept.tolist() == [[[0, 2, 4], [1, 3, 4]]]
     with pytest.raises(ValueError, match="attention_mass"):
-        press.score(keys, keys, None, None, 1.0, valid)
+        press.score(ScoringInputs(keys, keys, valid, 1.0))
     with pytest.raises(ValueError, match="attention_mass"):
-        press.score(keys, keys, None, mass[:, :1], 1.0, valid)
+        press.score(ScoringInputs(keys, keys, valid, 1.0, attention_mass=mass[:, :1]))
 
 
 def test_knorm_keeps_low_norm_keys() -> None:
@@ -102,16 +103,16 @@ def test_knorm_keeps_low_norm_keys() -> None:
     keys[0, 0, :, 0] = torch.tensor([3.0, 1.0, 4.0, 2.0])
     valid = torch.ones(1, 4, dtype=torch.bool)
     press = KnormPress(compression_ratio=0.5)
-    torch.testing.assert_close(press.score(keys, keys, None, None, 1.0, valid), -keys[..., 0])
-    assert press.keep_indices(keys, keys, None, None, 1.0, valid).tolist() == [[[1, 3]]]
+    torch.testing.assert_close(press.score(ScoringInputs(keys, keys, valid, 1.0)), -keys[..., 0])
+    assert press.keep_indices(ScoringInputs(keys, keys, valid, 1.0)).tolist() == [[[1, 3]]]
 
 
 def test_random_is_deterministic_per_seed() -> None:
     keys = torch.randn(2, 2, 16, 4)
     valid = torch.ones(2, 16, dtype=torch.bool)
-    first = RandomPress(compression_ratio=0.5, seed=1).score(keys, keys, None, None, 1.0, valid)
-    again = RandomPress(compression_ratio=0.5, seed=1).score(keys, keys, None, None, 1.0, valid)
-    other = RandomPress(compression_ratio=0.5, seed=2).score(keys, keys, None, None, 1.0, valid)
+    first = RandomPress(compression_ratio=0.5, seed=1).score(ScoringInputs(keys, keys, valid, 1.0))
+    again = RandomPress(compression_ratio=0.5, seed=1).score(ScoringInputs(keys, keys, valid, 1.0))
+    other = RandomPress(compression_ratio=0.5, seed=2).score(ScoringInputs(keys, keys, valid, 1.0))
     assert torch.equal(first, again) and not torch.equal(first, other)
     with pytest.raises(ValueError, match="seed"):
         RandomPress(seed=-1)
@@ -119,7 +120,7 @@ def test_random_is_deterministic_per_seed() -> None:
 
 def test_streaming_scores_rank_later_tokens_higher() -> None:
     keys = torch.randn(1, 1, 5, 2)
-    scores = StreamingLLMPress().score(keys, keys, None, None, 1.0, torch.ones(1, 5, dtype=torch.bool))
+    scores = StreamingLLMPress().score(ScoringInputs(keys, keys, torch.ones(1, 5, dtype=torch.bool), 1.0))
     assert scores.tolist() == [[[0.0, 1.0, 2.0, 3.0, 4.0]]]
     assert StreamingLLMPress().n_sink == 4
 
@@ -128,4 +129,5 @@ def test_streaming_scores_rank_later_tokens_higher() -> None:
 def test_presses_reject_bad_valid_mask(press) -> None:
     keys = torch.randn(1, 1, 5, 2)
     with pytest.raises(ValueError, match="valid"):
-        press.score(keys, keys, None, torch.zeros(1, 1, 5), 1.0, torch.ones(1, 4, dtype=torch.bool))
+        valid = torch.ones(1, 4, dtype=torch.bool)
+        press.score(ScoringInputs(keys, keys, valid, 1.0, attention_mass=torch.zeros(1, 1, 5)))

@@ -33,6 +33,7 @@ from kvpress.api import wrapped_config
 from kvpress.cache import KVPressCache
 from kvpress.config import KVConfig, parse_bool, resolve_config
 from kvpress.default_model import default_model_path
+from kvpress.hf_compat import cache_kwargs, pop_cache
 from kvpress.presses.registry import PRESSES
 
 MODEL_NAME = "kvpress"
@@ -118,9 +119,10 @@ class KVPressLM(HFLM):
     # --- generation ---------------------------------------------------------------------------------------------
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         """HFLM's generate with a fresh KVPressCache whose stats are recorded afterwards."""
-        cache = generation_kwargs.get("past_key_values")
+        cache = pop_cache(generation_kwargs)  # either name; passed on under the installed transformers' name
         if cache is None:
-            cache = generation_kwargs["past_key_values"] = self.new_cache()
+            cache = self.new_cache()
+        generation_kwargs.update(cache_kwargs(self.model, cache))
         out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         if isinstance(cache, KVPressCache):
             self._record(cache)
@@ -159,9 +161,9 @@ class KVPressLM(HFLM):
                                   enabled=self.mixed_precision_dtype is not None)
         with torch.no_grad(), autocast:
             if split > 0:
-                self.model(input_ids=inputs[:, :split], past_key_values=cache, use_cache=True)
+                self.model(input_ids=inputs[:, :split], **cache_kwargs(self.model, cache), use_cache=True)
                 cache.compress()
-            logits = self.model(input_ids=inputs[:, split:], past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=inputs[:, split:], **cache_kwargs(self.model, cache), use_cache=True).logits
         self._record(cache)
         logprobs = F.log_softmax(logits[0], dim=-1, dtype=self.softmax_dtype)
         greedy = bool((logprobs.argmax(dim=-1) == target).all())

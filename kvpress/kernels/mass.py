@@ -3,7 +3,7 @@ token, the sum over its kv group's query heads of exp2(logit - lse * log2(e)), a
 One small pass over B x Hq x L floats instead of a second pass over the keys."""
 import torch
 
-from kvpress.kernels.decode import LOG2E
+from kvpress.kernels.reference import LOG2E
 from kvpress.kernels.triton_compat import cdiv, next_power_of_2, require_triton, tl, triton
 
 

@@ -1,15 +1,15 @@
 """Quantize-and-store: quantize new K or V tokens and write codes, scales and zeros straight into a store.
 
 Two implementations with one signature: `quantize_store_triton` (fused Triton kernel) and
-`quantize_store_reference` (torch twin built on kvpress.quant.codec, which defines the expected bytes).
+`quantize_store_reference` (torch twin built on kvpress.kernels.affine.quantize, which defines the expected bytes).
 Token n of row b goes to logical index t = dst_start[b] + n: page block_table[b, t // S], slot t % S.
 """
 from __future__ import annotations
 
 import torch
 
-from kvpress.quant.codec import FP16_MAX, SCALE_FLOOR, quantize
-from kvpress.quant.groups import code_width, effective_group_size
+from kvpress.kernels.affine import FP16_MAX, SCALE_FLOOR, quantize
+from kvpress.kernels.affine_layout import code_width, effective_group_size
 
 try:
     import triton
@@ -90,7 +90,7 @@ def quantize_store_reference(
     *,
     check_values: bool = True,
 ) -> None:
-    """Torch twin: quantize x (B, H, N, D) with codec.quantize and scatter into the paged store in place.
+    """Torch twin: quantize x (B, H, N, D) with affine.quantize and scatter into the paged store in place.
 
     check_values=True validates x (finite, |x| <= 65504) and the target pages at one host sync; pass
     False on hot paths whose inputs are known to be valid (invalid input then writes unspecified bytes).
@@ -164,7 +164,7 @@ if triton is not None:
         lo = tl.where(real, lo, 0.0)
         hi = tl.where(real, hi, 0.0)
 
-        # Same IEEE steps as kvpress.quant.codec.group_scale_zero.
+        # Same IEEE steps as kvpress.kernels.affine.group_scale_zero.
         zero = -_round_up_to_fp16(-(lo + (hi - lo) * (0.5 / LEVELS)))
         zero_f = zero.to(tl.float32)
         steps = tl.full(lo.shape, LEVELS - 0.5, tl.float32)

@@ -124,7 +124,7 @@ def token_rows(page, slot, stride_p, stride_s, CONTIGUOUS: tl.constexpr, WIDE: t
     int32 offsets Triton 3.9 rematerialises those small loads in the dot-operand layout (several redundant loads
     per thread) instead of loading once per token and exchanging through shared memory; int64 offsets tip its cost
     model back (fewer SASS instructions in the tile loop on sm_90, eval/kernel_instruction_counts.py). Code tiles
-    and the factored path keep int32 offsets (fewer instructions there)."""
+    keep int32 offsets (fewer instructions there)."""
     if CONTIGUOUS:
         if WIDE:
             rows = slot.to(tl.int64) * stride_s
@@ -133,70 +133,3 @@ def token_rows(page, slot, stride_p, stride_s, CONTIGUOUS: tl.constexpr, WIDE: t
     else:
         rows = page * stride_p + slot * stride_s
     return rows
-
-
-# Factored dequantization (KVPRESS_DEQUANT=factored). With a field's groups of GROUP head-dim elements, a "half"
-# (HALF = D/2 columns, the unit the split-halves packing gives) holds GROUPS = HALF // GROUP whole groups when
-# GROUP < HALF; such halves are handled as (GROUPS, ..., GROUP) 3D tiles and batched dots. When one group spans
-# a half or the whole head, tiles stay 2D.
-
-
-@triton.jit
-def codes_as_dot_operand(codes, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr):
-    """Raw uint codes (< 256) -> exact dot operands of dtype DOT_DTYPE (fp16 by the bit trick when FP16_CODES)."""
-    if FP16_CODES:
-        result = _fp16_from_codes(codes)
-    else:
-        result = codes.to(tl.float32).to(DOT_DTYPE)
-    return result
-
-
-@triton.jit
-def load_code_halves(
-    base_ptr, row_offsets, stride_x, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, FP16_CODES: tl.constexpr,
-):  # fmt: skip
-    """Raw codes of BLOCK_N tokens as two halves of exact dot operands, without any affine: (BLOCK_N, HALF)
-    each, or (HALF // GROUP, BLOCK_N, GROUP) each when groups are narrower than a half (group-major, loaded
-    directly in that order so no register shuffles are needed)."""
-    if GROUP < HALF:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = tl.arange(0, GROUPS)
-        within = tl.arange(0, GROUP)
-        cols = groups[:, None, None] * GROUP + within[None, None, :]
-        ptrs = base_ptr + row_offsets[None, :, None] + cols * stride_x
-        mask = token_mask[None, :, None]
-    else:
-        cols = tl.arange(0, HALF)
-        ptrs = base_ptr + row_offsets[:, None] + cols[None, :] * stride_x
-        mask = token_mask[:, None]
-    if BITS == 4:
-        packed = tl.load(ptrs, mask=mask, other=0)
-        low = packed & 15
-        high = packed >> 4
-    else:
-        low = tl.load(ptrs, mask=mask, other=0)
-        high = tl.load(ptrs + HALF * stride_x, mask=mask, other=0)
-    return codes_as_dot_operand(low, DOT_DTYPE, FP16_CODES), codes_as_dot_operand(high, DOT_DTYPE, FP16_CODES)
-
-
-@triton.jit
-def load_scale_zero(
-    scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask, HALF: tl.constexpr, GROUP: tl.constexpr
-):  # fmt: skip
-    """fp32 scale and zero of BLOCK_N tokens for one half: (BLOCK_N,) when one group spans the half or the whole
-    head (then half_index is ignored), else (HALF // GROUP, BLOCK_N) for the half's groups."""
-    if GROUP >= 2 * HALF:
-        offsets = scale_row_offsets
-        mask = token_mask
-    elif GROUP == HALF:
-        offsets = scale_row_offsets + half_index * stride_g
-        mask = token_mask
-    else:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = half_index * GROUPS + tl.arange(0, GROUPS)
-        offsets = scale_row_offsets[None, :] + groups[:, None] * stride_g
-        mask = token_mask[None, :]
-    scale = tl.load(scale_ptr + offsets, mask=mask, other=0).to(tl.float32)
-    zero = tl.load(zero_ptr + offsets, mask=mask, other=0).to(tl.float32)
-    return scale, zero

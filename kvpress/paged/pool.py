@@ -34,7 +34,9 @@ FieldSpec = tuple[int, torch.dtype]  # (width X, dtype) of one field per token a
 
 
 class BlockPool:
-    """Pages of every layer's KV fields plus the free list and refcounts that say who owns which page."""
+    """Pages of every layer's KV fields plus the free list and refcounts that say who owns which page.
+
+    Not thread-safe by itself: a PrefixCache shared by threads serialises every call under its lock."""
 
     def __init__(
         self,

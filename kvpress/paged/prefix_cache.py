@@ -8,9 +8,16 @@ PrefixCache serves one model + storage layout; namespaces separate settings that
 Reference discipline: the tree holds one reference per stored page; a live `PrefixHit` (from `match`) holds one
 more on each of its pages and locks its node, so `stats()["pages_shared"]` counts pages used by live requests.
 When no `store` is running, a page's refcount is exactly (1 if in the tree) + (live hits holding it).
+
+Threads: one PrefixCache may be shared by threads that generate concurrently. Its RadixTree and BlockPool are not
+thread-safe on their own; every PrefixCache method that reads or changes them (match, release, gather, store,
+stats, check_invariants) holds the cache's one re-entrant lock for its whole duration. Readers of page contents
+outside these methods (kernels reading a live hit's pages in place) need no lock: a locked hit's pages are never
+evicted or rewritten, and `store` writes only pages it has just allocated.
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +65,7 @@ class PrefixCache:
         self._hit_refs: Counter[int] = Counter()  # references held by live hits, per page
         self._queried_tokens = 0
         self._matched_tokens = 0
+        self._lock = threading.RLock()  # guards tree, pool and the counters above (see the module docstring)
 
     # ------------------------------------------------------------------------------------------ lookups
     def match(self, namespace: str, token_ids: TokenIds, limit: int | None = None) -> PrefixHit:
@@ -68,6 +76,10 @@ class PrefixCache:
             if limit < 0:
                 raise ValueError(f"PrefixCache.match limit must be >= 0, got {limit}")
             tokens = tokens[:limit]
+        with self._lock:
+            return self._match(namespace, tokens)
+
+    def _match(self, namespace: str, tokens: tuple[int, ...]) -> PrefixHit:
         self._queried_tokens += len(tokens)
         if self.tree is None:
             return PrefixHit(0, [], namespace)
@@ -81,6 +93,10 @@ class PrefixCache:
 
     def release(self, hit: PrefixHit) -> None:
         """Unlock and drop the references of a hit from `match` (exactly once)."""
+        with self._lock:
+            self._release(hit)
+
+    def _release(self, hit: PrefixHit) -> None:
         if hit.released:
             raise RuntimeError("PrefixCache.release called twice for the same PrefixHit")
         hit.released = True
@@ -93,11 +109,12 @@ class PrefixCache:
 
     def gather(self, hit: PrefixHit, layer: int) -> dict[str, torch.Tensor]:
         """The hit's tokens of one layer as contiguous (H_kv, n_tokens, X) tensors per field (n_tokens may be 0)."""
-        if hit.released:
-            raise RuntimeError("PrefixCache.gather of a released PrefixHit: its pages may already be reused")
-        if self.pool is None:
-            raise RuntimeError("PrefixCache.gather before anything was stored: the field layout is not known yet")
-        return self.pool.gather(layer, hit.pages, hit.n_tokens)
+        with self._lock:
+            if hit.released:
+                raise RuntimeError("PrefixCache.gather of a released PrefixHit: its pages may already be reused")
+            if self.pool is None:
+                raise RuntimeError("PrefixCache.gather before anything was stored: the field layout is not known yet")
+            return self.pool.gather(layer, hit.pages, hit.n_tokens)
 
     # ------------------------------------------------------------------------------------------ storing
     def store(self, namespace: str, token_ids: TokenIds, layers: Sequence[LayerFields]) -> int:
@@ -108,6 +125,10 @@ class PrefixCache:
         newly stored tokens. Raises (nothing changed) if locked prefixes leave too little room.
         """
         tokens = _as_tokens(token_ids)
+        with self._lock:
+            return self._store(namespace, tokens, layers)
+
+    def _store(self, namespace: str, tokens: tuple[int, ...], layers: Sequence[LayerFields]) -> int:
         self._check_layers(layers, len(tokens))
         n_full = len(tokens) // self.page_size * self.page_size
         if n_full == 0:
@@ -145,6 +166,10 @@ class PrefixCache:
     # ------------------------------------------------------------------------------------------- report
     def stats(self) -> dict[str, int]:
         """Pages total/used/free/shared (refcount > 1: also held by live matches), tokens cached, bytes, hits."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, int]:
         pool = self.pool
         return {
             "page_size": self.page_size,
@@ -162,6 +187,10 @@ class PrefixCache:
 
     def check_invariants(self) -> None:
         """Pool and tree invariants, and refcount(p) == (1 if p is in the tree) + live hits holding p, every page."""
+        with self._lock:
+            self._check_invariants()
+
+    def _check_invariants(self) -> None:
         if self.pool is None:
             return
         self.pool.check_invariants()

@@ -53,7 +53,9 @@ class RadixNode:
 
 
 class RadixTree:
-    """Page-aligned radix tree over token ids with per-namespace roots, path locks and LRU leaf eviction."""
+    """Page-aligned radix tree over token ids with per-namespace roots, path locks and LRU leaf eviction.
+
+    Not thread-safe by itself (even `match_prefix` splits nodes): a PrefixCache serialises every call under its lock."""
 
     def __init__(self, pool: PageRefs, page_size: int) -> None:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:

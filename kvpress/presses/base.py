@@ -1,15 +1,17 @@
-"""Base class of the eviction presses: budget arithmetic (n_keep) and the shared top-k selection (select_indices).
+"""Base class of the eviction presses: budget arithmetic (n_keep), the shared top-k selection (select_indices) and
+the hooks a cache calls (new_state, prepare_compression, check_prefix_sharing, check_fp_slots).
 
 A press only decides *which* stored tokens to keep; the cache gathers them. Presses are pure torch and know nothing
-about the cache, the attention function or transformers.
+about the attention function or transformers; what they observe lives in their PressState (kvpress/presses/state.py).
 """
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from kvpress.presses.state import PressState, ScoringInputs
 from kvpress.presses.validation import check_non_negative_int, check_per_token_scores, check_valid_mask
 
 # Slack for floating-point error in (1 - ratio) * n: e.g. (1 - 0.7) * 10 == 3.0000000000000004 must keep 3, not 4.
@@ -110,35 +112,51 @@ class BasePress(ABC):
         return max(keep, min(n_tokens, self.n_sink + self.recent))
 
     @abstractmethod
-    def score(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Importance (B, Hkv, T) float32 of each stored token, higher = keep; GQA heads aggregated per kv group.
 
-        keys/values (B, Hkv, T, D); queries (B, Hq, W, D) = the last W prompt queries after RoPE (the last one at
-        stored position T-1) or None; attention_mass (B, Hkv, T) or None; valid (B, T) marks real (non-padding) tokens.
-        """
+        See ScoringInputs: keys/values (B, Hkv, T, D), valid (B, T), sm_scale, and what this press's state observed
+        (queries, attention_mass)."""
 
     def select(self, scores: torch.Tensor, n_keep: int, valid: torch.Tensor) -> torch.Tensor:
         """Indices (B, Hkv, n_keep) int64 sorted ascending of the tokens to keep; see select_indices."""
         return select_indices(scores, n_keep, valid, self.n_sink, self.recent)
 
-    def keep_indices(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """Convenience for the cache: score, then select n_keep(T) tokens per head. Returns (B, Hkv, n_keep) int64."""
-        scores = self.score(keys, values, queries, attention_mass, sm_scale, valid)
-        check_per_token_scores(scores, f"{type(self).__name__}.score output", tuple(keys.shape[:3]))
-        return self.select(scores, self.n_keep(keys.shape[2]), valid)
+    def keep_indices(self, inputs: ScoringInputs) -> torch.Tensor:
+        """Convenience: score, then select n_keep(T) tokens per head. Returns (B, Hkv, n_keep) int64."""
+        scores = self.score(inputs)
+        check_per_token_scores(scores, f"{type(self).__name__}.score output", tuple(inputs.keys.shape[:3]))
+        return self.select(scores, self.n_keep(inputs.keys.shape[2]), inputs.valid)
+
+    # --- hooks of the cache -------------------------------------------------------------------------------------
+    def new_state(self) -> PressState:
+        """A fresh per-layer state: what this press observes during prefill and decode (nothing by default)."""
+        return PressState()
+
+    def prepare_compression(self, cache: Any, model: Any) -> None:
+        """Called once per cache when its prompt is complete, before its layers compress: by
+        `KVPressCache.compress(model)`, i.e. at the first decode step of a generate call (wrap hands its model to the
+        cache; a cache passed to a wrapped model's generate gets it too), by the kv-press pipeline, or by the user.
+        A press that scores by running the model itself (KVzip replays the context through `model` on `cache`) does
+        it here and leaves the result in each layer's state (`layer.press_state`); `model` is None when nobody
+        handed one. Default: nothing (each layer scores from its own observations)."""
+
+    def check_prefix_sharing(self) -> None:
+        """Raise ValueError if this press cannot be used with a PrefixCache: a shared prefix's queries are never
+        recomputed, so a press may only observe the last `query_window` prompt queries (never matched)."""
+        if self.needs_attention_mass or self.max_tokens is not None:
+            raise ValueError(
+                f"prefix_cache cannot be combined with {type(self).__name__}(needs_attention_mass="
+                f"{self.needs_attention_mass}, max_tokens={self.max_tokens}): it scores with the attention of every "
+                "prompt query, and a shared prefix's queries are not recomputed. Use snapkv, tova, streaming, knorm "
+                "or random, or no prefix_cache."
+            )
+
+    def check_fp_slots(self, n_fp: int, described: str) -> None:
+        """Decode-time eviction only touches quantized tokens: a bound (max_tokens) must leave room for quantized
+        tokens next to the `n_fp` full-precision slots of a quantized layer (`described` names them)."""
+        if self.max_tokens is not None and self.max_tokens <= n_fp:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} leaves no room for quantized tokens next to {described}; raise "
+                f"max_tokens above {n_fp} or lower quant residual."
+            )

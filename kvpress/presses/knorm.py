@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.presses.base import BasePress
+from kvpress.presses.state import ScoringInputs
 from kvpress.presses.validation import check_keys, check_valid_mask
 
 
@@ -11,16 +12,9 @@ from kvpress.presses.validation import check_keys, check_valid_mask
 class KnormPress(BasePress):
     """Knorm: score = -||k||_2 per token and kv head; needs no queries and no attention, so it is the cheapest press."""
 
-    def score(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Negative key L2 norm (B, Hkv, T) float32, computed in float32."""
+        keys, valid = inputs.keys, inputs.valid
         batch, _, n_tokens, _ = check_keys(keys)
         check_valid_mask(valid, batch, n_tokens)
         return -torch.linalg.vector_norm(keys.float(), dim=-1)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.presses.base import BasePress
+from kvpress.presses.state import ScoringInputs
 from kvpress.presses.validation import check_keys, check_non_negative_int, check_valid_mask
 
 
@@ -19,16 +20,9 @@ class RandomPress(BasePress):
         check_non_negative_int(self.seed, "RandomPress.seed")
         super().__post_init__()
 
-    def score(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Uniform [0, 1) scores (B, Hkv, T) float32 from a freshly seeded CPU generator."""
+        keys, valid = inputs.keys, inputs.valid
         batch, kv_heads, n_tokens, _ = check_keys(keys)
         check_valid_mask(valid, batch, n_tokens)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -9,6 +9,7 @@ from kvpress.presses.knorm import KnormPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.snapkv import SnapKVPress
 from kvpress.presses.streaming import StreamingLLMPress
+from kvpress.presses.tova import TOVAPress
 
 PRESSES: dict[str, type[BasePress]] = {
     "snapkv": SnapKVPress,
@@ -16,6 +17,7 @@ PRESSES: dict[str, type[BasePress]] = {
     "streaming": StreamingLLMPress,
     "knorm": KnormPress,
     "random": RandomPress,
+    "tova": TOVAPress,
 }
 
 SPEC_FORMAT = "NAME[:RATIO[:key=value,key=value]]  (e.g. 'snapkv:0.5' or 'h2o:0.5:max_tokens=512,recent=64')"

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kvpress.presses.attention_mass import window_attention_mass
 from kvpress.presses.base import BasePress
+from kvpress.presses.state import QueryWindow, ScoringInputs
 from kvpress.presses.validation import check_keys, check_valid_mask
 
 
@@ -56,17 +57,14 @@ class SnapKVPress(BasePress):
         """SnapKV needs the last window_size prompt queries (fewer if the prompt is shorter)."""
         return self.window_size
 
-    def score(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
+    def new_state(self) -> QueryWindow:
+        """Each layer keeps the last window_size prompt queries it saw."""
+        return QueryWindow(self.window_size)
+
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Pooled mean window attention (B, Hkv, T) float32; queries (B, Hq, W, D) must be the last W prompt queries
         (only the last window_size of them are used)."""
+        keys, valid, queries, sm_scale = inputs.keys, inputs.valid, inputs.queries, inputs.sm_scale
         if queries is None:
             raise ValueError(
                 "SnapKVPress.score needs the last window_size prompt queries (post-RoPE); got queries=None"

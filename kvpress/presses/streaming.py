@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress.presses.base import BasePress
+from kvpress.presses.state import ScoringInputs
 from kvpress.presses.validation import check_keys, check_valid_mask
 
 
@@ -14,16 +15,9 @@ class StreamingLLMPress(BasePress):
 
     n_sink: int = 4
 
-    def score(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        queries: torch.Tensor | None,
-        attention_mass: torch.Tensor | None,
-        sm_scale: float,
-        valid: torch.Tensor,
-    ) -> torch.Tensor:
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Position of each stored token (B, Hkv, T) as float32 (sinks are forced in by select)."""
+        keys, valid = inputs.keys, inputs.valid
         batch, kv_heads, n_tokens, _ = check_keys(keys)
         check_valid_mask(valid, batch, n_tokens)
         positions = torch.arange(n_tokens, dtype=torch.float32, device=keys.device)

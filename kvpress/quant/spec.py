@@ -1,21 +1,29 @@
 """QuantSpec: which bit widths and groupings the KV cache uses, and how many tokens stay full precision.
 
-Parsed from short strings such as "int8-int4" or "int8-int4:g32:r128:s4" so configs and CLIs stay terse.
+Parsed from short strings such as "int8-int4" or "int8-int4:g32:r128:s4" (optionally "<codec>-int8-int4" for a codec
+registered in kvpress/quant/registry.py) so configs and CLIs stay terse.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
 
-from kvpress.quant.groups import SUPPORTED_BITS, code_width, group_count
+from .codec_base import KVCodec
+from .registry import CODECS, DEFAULT_CODEC, codec_class
 
-ACCEPTED_FORMS = (
-    "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int8' (both 8-bit), "
-    "'int4' (both 4-bit), each optionally followed by ':'-separated options "
-    "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
-    "e.g. 'int8-int4:g32:r128:s4'"
-)
-_BITS_PATTERN = re.compile(r"^int(\d+)(?:-int(\d+))?$")
+
+
+def accepted_forms() -> str:
+    """The spec strings QuantSpec.parse accepts (named in its errors), with the codecs registered now."""
+    return (
+        "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int8' (both 8-bit), "
+        "'int4' (both 4-bit), optionally prefixed by a registered codec name and '-' "
+        f"({', '.join(sorted(CODECS))}; default {DEFAULT_CODEC}), each optionally followed by ':'-separated options "
+        "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
+        "e.g. 'int8-int4:g32:r128:s4'"
+    )
+
+_BITS_PATTERN = re.compile(r"^(?:(?!int\d)([a-z][a-z0-9_]*)-)?int(\d+)(?:-int(\d+))?$")
 _OPTION_PATTERN = re.compile(r"^(kg|g|r|s)(\d+|none)$")
 _OPTION_FIELDS = {"kg": "k_group_size", "g": "group_size", "r": "residual", "s": "n_sink"}
 
@@ -27,7 +35,8 @@ def _is_power_of_two(n: int) -> bool:
 @dataclass(frozen=True)
 class QuantSpec:
     """KV quantization settings: key/value bits, group sizes along head_dim (None = one group of D),
-    `residual` most recent tokens and `n_sink` first tokens kept in full precision."""
+    `residual` most recent tokens and `n_sink` first tokens kept in full precision, and the registered `codec`
+    (kvpress/quant/registry.py) that encodes the middle with them."""
 
     k_bits: int = 8
     v_bits: int = 4
@@ -35,12 +44,13 @@ class QuantSpec:
     group_size: int | None = 32
     residual: int = 128
     n_sink: int = 4
+    codec: str = DEFAULT_CODEC
 
     def __post_init__(self) -> None:
-        for name in ("k_bits", "v_bits"):
-            bits = getattr(self, name)
-            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-                raise ValueError(f"QuantSpec.{name} must be one of {SUPPORTED_BITS}, got {bits!r}")
+        try:
+            self.build_codec()  # the codec checks the bits (and anything else it needs)
+        except ValueError as err:
+            raise ValueError(f"QuantSpec: {err}") from None
         for name in ("k_group_size", "group_size"):
             size = getattr(self, name)
             if size is None:
@@ -52,31 +62,41 @@ class QuantSpec:
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"QuantSpec.{name} must be an int >= 0, got {count!r}")
 
+    def build_codec(self) -> KVCodec:
+        """The codec that encodes the quantized middle: `codec`'s registered class built from this spec."""
+        return codec_class(self.codec).from_spec(self)
+
     @classmethod
     def parse(cls, spec: str | QuantSpec | None) -> QuantSpec:
-        """Build a QuantSpec from a string (see ACCEPTED_FORMS), pass one through, or default for None."""
+        """Build a QuantSpec from a string (see accepted_forms()), pass one through, or default for None."""
         if spec is None:
             return cls()
         if isinstance(spec, QuantSpec):
             return spec
         if not isinstance(spec, str):
-            raise ValueError(f"cannot parse a QuantSpec from {type(spec).__name__}; accepted: {ACCEPTED_FORMS}")
+            raise ValueError(f"cannot parse a QuantSpec from {type(spec).__name__}; accepted: {accepted_forms()}")
         head, *options = spec.strip().lower().split(":")
         match = _BITS_PATTERN.match(head)
         if match is None:
-            raise ValueError(f"unknown quantization spec {spec!r}; accepted: {ACCEPTED_FORMS}")
-        k_bits = int(match.group(1))
-        v_bits = int(match.group(2)) if match.group(2) else k_bits
-        if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
-            raise ValueError(f"unsupported bit width in {spec!r}; accepted: {ACCEPTED_FORMS}")
-        result = cls(k_bits=k_bits, v_bits=v_bits)
+            raise ValueError(f"unknown quantization spec {spec!r}; accepted: {accepted_forms()}")
+        codec = match.group(1) or DEFAULT_CODEC
+        k_bits = int(match.group(2))
+        v_bits = int(match.group(3)) if match.group(3) else k_bits
+        try:
+            result = cls(k_bits=k_bits, v_bits=v_bits, codec=codec)
+        except ValueError as err:
+            raise ValueError(
+                f"unsupported codec or bit width in {spec!r} ({err}); accepted: {accepted_forms()}"
+            ) from None
         for option in options:
             opt = _OPTION_PATTERN.match(option.strip())
             if opt is None:
-                raise ValueError(f"unknown option {option!r} in quantization spec {spec!r}; accepted: {ACCEPTED_FORMS}")
+                raise ValueError(
+                    f"unknown option {option!r} in quantization spec {spec!r}; accepted: {accepted_forms()}"
+                )
             key, raw = opt.groups()
             if raw == "none" and key not in ("g", "kg"):
-                raise ValueError(f"option {option!r} needs a number; accepted: {ACCEPTED_FORMS}")
+                raise ValueError(f"option {option!r} needs a number; accepted: {accepted_forms()}")
             result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)})
         return result
 
@@ -85,19 +105,18 @@ class QuantSpec:
         def size(n: int | None) -> str:
             return "none" if n is None else str(n)
 
+        prefix = "" if self.codec == DEFAULT_CODEC else f"{self.codec}-"
         return (
-            f"int{self.k_bits}-int{self.v_bits}:kg{size(self.k_group_size)}:g{size(self.group_size)}"
+            f"{prefix}int{self.k_bits}-int{self.v_bits}:kg{size(self.k_group_size)}:g{size(self.group_size)}"
             f":r{self.residual}:s{self.n_sink}"
         )
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ValueError if a group size does not fit head_dim (4-bit groups must divide D/2 or equal D)."""
-        group_count(head_dim, self.k_bits, self.k_group_size)
-        group_count(head_dim, self.v_bits, self.group_size)
+        self.build_codec().check_head_dim(head_dim)
 
     def bytes_per_token_head(self, head_dim: int) -> int:
-        """Bytes one quantized token uses per kv-head: K and V codes plus fp16 scale and zero per group."""
-        self.check_head_dim(head_dim)
-        k_bytes = code_width(head_dim, self.k_bits) + 4 * group_count(head_dim, self.k_bits, self.k_group_size)
-        v_bytes = code_width(head_dim, self.v_bits) + 4 * group_count(head_dim, self.v_bits, self.group_size)
-        return k_bytes + v_bytes
+        """Bytes one quantized token uses per kv-head (the codec's count: codes plus scales and zeros)."""
+        codec = self.build_codec()
+        codec.check_head_dim(head_dim)
+        return codec.bytes_per_token(head_dim)

@@ -1,16 +1,19 @@
-"""Group geometry along head_dim: which group sizes a field of D elements and a bit width allows.
+"""How affine codes sit in a field: supported bit widths, group geometry along head_dim, split-halves int4 packing.
 
-Shared by the spec, the codec and the kernels so all of them accept and reject the same shapes.
+A leaf of kvpress.kernels (torch only), shared by the quantize-and-store kernel, its torch twin and the
+codecs, so all of them accept and reject the same shapes (docs/STORAGE_LAYOUT.md).
 """
 from __future__ import annotations
+
+import torch
 
 SUPPORTED_BITS = (4, 8)
 
 
-def check_bits(bits: int) -> int:
-    """Return `bits` if it is a supported code width (4 or 8), else raise ValueError."""
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Return `bits` if it is a supported code width (4 or 8), else raise ValueError naming `name`."""
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {bits!r}")
     return int(bits)
 
 
@@ -51,3 +54,26 @@ def code_width(head_dim: int, bits: int) -> int:
     """Bytes of codes per token and head: head_dim for 8-bit, head_dim / 2 for packed 4-bit."""
     check_bits(bits)
     return head_dim if bits == 8 else head_dim // 2
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes `[..., D]` (values 0..15, D even) into `[..., D/2]` bytes: byte j = q[j] | q[j + D/2] << 4.
+
+    Only the low 4 bits of each code are kept; the codec never produces larger values. Split halves let a kernel
+    load D/2 bytes and get two contiguous half-vectors.
+    """
+    if q.dtype != torch.uint8:
+        raise ValueError(f"pack_int4 expects uint8 codes, got {q.dtype}; cast the codes to torch.uint8 first")
+    if q.dim() == 0 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(q.shape)}")
+    half = q.shape[-1] // 2
+    return (q[..., :half] & 0x0F) | (q[..., half:] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack `[..., D/2]` split-halves bytes into uint8 codes `[..., D]` (inverse of pack_int4)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4 expects uint8 bytes, got {packed.dtype}")
+    if packed.dim() == 0:
+        raise ValueError("unpack_int4 needs at least one dimension")
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)

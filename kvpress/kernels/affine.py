@@ -1,4 +1,5 @@
-"""Asymmetric per-group min/max quantization of KV vectors to 8 or 4 bits (pure torch).
+"""Asymmetric per-group min/max quantization of KV vectors to 8 or 4 bits (pure torch): the bytes every affine
+store holds, which the quantize-and-store kernel reproduces exactly. A leaf of kvpress.kernels.
 
 Per group with minimum `lo` and maximum `hi` (float32), with `L = 2**bits` levels:
   zero  = fp16_round_down(lo + (hi - lo) * (0.5 / L))
@@ -14,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.quant.groups import check_bits, code_width, effective_group_size
-from kvpress.quant.packing import pack_int4, unpack_int4
+from kvpress.kernels.affine_layout import check_bits, code_width, effective_group_size, pack_int4, unpack_int4
 
 SCALE_FLOOR = 2.0**-24  # smallest positive fp16: constant groups still get a nonzero scale
 FP16_MAX = 65504.0

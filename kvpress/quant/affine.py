@@ -1,0 +1,74 @@
+"""AffineCodec: per-group min/max int8 / int4 codes with fp16 scale and zero (docs/STORAGE_LAYOUT.md).
+
+The math lives in kvpress.kernels.affine (shared with the quantize-and-store kernel, which reproduces its bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..kernels import quantize_store
+from ..kernels.affine import dequantize, quantize
+from ..kernels.affine_layout import check_bits, code_width, effective_group_size, group_count
+from .codec_base import KVCodec
+
+
+@dataclass(frozen=True)
+class AffineCodec(KVCodec):
+    """Keys and values quantized per (token, head, group of head_dim elements) to `k_bits` / `v_bits` (4 or 8);
+    fields "k", "k_scale", "k_zero", "v", "v_scale", "v_zero". Groups of None span the whole head_dim."""
+
+    k_bits: int = 8
+    v_bits: int = 4
+    k_group: int | None = None
+    v_group: int | None = 32
+
+    def __post_init__(self) -> None:
+        check_bits(self.k_bits, "k_bits")
+        check_bits(self.v_bits, "v_bits")
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> AffineCodec:
+        """QuantSpec fields k_bits, v_bits, k_group_size, group_size."""
+        return cls(spec.k_bits, spec.v_bits, spec.k_group_size, spec.group_size)
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+
+    def _parts(self) -> tuple[tuple[str, int, int | None], tuple[str, int, int | None]]:
+        """(field, bits, group) of keys, then values."""
+        return ("k", self.k_bits, self.k_group), ("v", self.v_bits, self.v_group)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        self.group_sizes(head_dim)
+
+    def group_sizes(self, head_dim: int) -> tuple[int, int]:
+        return (effective_group_size(head_dim, self.k_bits, self.k_group),
+                effective_group_size(head_dim, self.v_bits, self.v_group))
+
+    def bytes_per_token(self, head_dim: int, input_dtype: torch.dtype = torch.float16) -> int:
+        """Codes plus an fp16 scale and zero per group, for K and V (independent of the input dtype)."""
+        return sum(code_width(head_dim, bits) + 4 * group_count(head_dim, bits, group)
+                   for _, bits, group in self._parts())
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        fields = {}
+        for (name, bits, group), x in zip(self._parts(), (k, v)):
+            fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = quantize(x, bits, group)
+        return fields
+
+    def decode(self, fields: dict[str, torch.Tensor], head_dim: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (dequantize(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits, group, head_dim, dtype)
+                for name, bits, group in self._parts())
+        return k, v
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, fields: dict[str, torch.Tensor], block_table: torch.Tensor,
+              dst_start: torch.Tensor) -> None:
+        """The fused quantize-and-store kernel (Triton on CUDA), K then V: no encoded copy is made first."""
+        for (name, bits, group), x in zip(self._parts(), (k, v)):
+            quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], block_table, dst_start,
+                           bits, group, check_values=False)
