@@ -36,14 +36,14 @@ def functions(package: Path):
 
 
 def env_switches(package: Path) -> list[str]:
-    """Names of KVPRESS_* environment variables the package reads (directly or through a constant)."""
+    """Names of KVPRESS_* environment variables the package reads that change behaviour (locations excluded)."""
     names = set()
     for path in package.rglob("*.py"):
         text = path.read_text()
         if "os.environ" not in text and "os.getenv" not in text:
             continue
         names.update(re.findall(r"[\"'](KVPRESS_[A-Z_]+)[\"']", text))
-    return sorted(names)
+    return sorted(n for n in names if not n.endswith("_DIR"))  # *_DIR: where files go, not a behaviour
 
 
 TRACE_SCRIPT = r"""
