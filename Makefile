@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Compat job: a subset of the suite on the oldest transformers pyproject allows, in its own venv.
 COMPAT_VENV ?= .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
-COMPAT_TRANSFORMERS ?= 5.0.0
+COMPAT_TRANSFORMERS ?= 5.4.0
 COMPAT_STAMP := $(COMPAT_VENV)/.kvpress-compat-$(COMPAT_TRANSFORMERS)
 COMPAT_TESTS ?= tests/test_cache_contract.py tests/test_equivalence.py tests/test_transformers_compat.py
 

@@ -208,3 +208,23 @@ def test_generate_many_returns_every_returned_sequence_of_each_prompt_in_order(p
         kvpress.generate_many(model, prompts[:1], **GEN)  # warm: later rows hit
     out = kvpress.generate_many(model, prompts, batch_size=3, **beams)
     assert out == reference  # per prompt, in the caller's order: its 2 sequences, as generate orders them
+
+
+def test_models_of_one_architecture_with_other_weights_never_share_prefixes():
+    """Same name, architecture, dtype and layer count, other weights (two fine-tunes of one base): no shared KV.
+    The namespace hashes sampled weights (or takes an explicit key), so equal weights still share."""
+    first, other, same = tiny_model("llama", seed=0), tiny_model("llama", seed=1), tiny_model("llama", seed=0)
+    ids = torch.tensor([torch.randint(3, 128, (53,), generator=torch.Generator().manual_seed(2)).tolist()])
+    plain = {name: m.generate(input_ids=ids, **GEN) for name, m in (("first", first), ("other", other))}
+    assert not torch.equal(plain["first"], plain["other"])
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024)
+    for m in (first, other, same):
+        kvpress.wrap(m, paged=True, prefix_cache=prefix_cache)
+    matched = lambda m: kvpress.last_generate_stats(m)["matched_tokens"]  # noqa: E731
+    assert torch.equal(first.generate(input_ids=ids, **GEN), plain["first"]) and matched(first) == [0]
+    assert torch.equal(other.generate(input_ids=ids, **GEN), plain["other"]) and matched(other) == [0]
+    assert torch.equal(same.generate(input_ids=ids, **GEN), plain["first"]) and matched(same) == [48]
+    assert torch.equal(other.generate(input_ids=ids, **GEN), plain["other"]) and matched(other) == [48]
+    kvpress.wrap(same, paged=True, prefix_cache=prefix_cache, prefix_namespace="revision-2")  # an explicit key
+    assert torch.equal(same.generate(input_ids=ids, **GEN), plain["first"]) and matched(same) == [0]
+    prefix_cache.check_invariants()
