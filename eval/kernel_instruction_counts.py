@@ -15,6 +15,7 @@ Compare two versions of the package (e.g. the committed one and the working tree
     .venv/bin/python eval/kernel_instruction_counts.py --before /tmp/kvpress_before \\
         --json eval/results/kernel_instructions_issue12.json
 
+or pass `--before` a git checkout of an older commit (its own HEAD is recorded as "before").
 Each version is compiled in its own subprocess (PYTHONPATH=<root>, TRITON_INTERPRET unset, a fresh Triton cache dir).
 """
 from __future__ import annotations
@@ -199,13 +200,22 @@ def run_version(root: str, configs: list[str]) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _head_commit() -> str | None:
-    """The checkout's HEAD commit (what `git archive HEAD` exports as "before"), if git is there."""
+def _head_commit(root: str | Path) -> str | None:
+    """HEAD commit of the git checkout at `root`, if it is one (and git is there)."""
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def _describe(root: str) -> str:
+    """A measured tree: its own git HEAD when it is a checkout (e.g. a worktree of an older commit), else the HEAD
+    of this checkout (what `git archive HEAD` exports), plus its path."""
+    own = _head_commit(root)
+    if own is not None and Path(root).resolve() != ROOT:
+        return f"git {own} ({root})"
+    return f"git HEAD {_head_commit(ROOT)} ({root})"
 
 
 def _loop(counts: dict) -> int:
@@ -244,11 +254,7 @@ def main() -> None:
     if opts.json:
         import triton
 
-        command = (
-            "rm -rf /tmp/kvpress_before && mkdir -p /tmp/kvpress_before && "
-            "git archive HEAD kvpress | tar -x -C /tmp/kvpress_before && "
-            f".venv/bin/python eval/kernel_instruction_counts.py --before /tmp/kvpress_before --json {opts.json}"
-        )
+        command = " ".join([".venv/bin/python eval/kernel_instruction_counts.py", *sys.argv[1:]])
         out = {
             "what": "SASS instruction counts (static, sm_90, compiled without a GPU through the launchers: "
             "decode_attention_multi_triton with one store -> _multi_split_attention_kernel; trees before issue 12 "
@@ -256,7 +262,7 @@ def main() -> None:
             "tile loop (first outermost loop), 'total' = whole kernel. Instruction counts, not timings.",
             "command": command,
             "triton": triton.__version__,
-            "before": f"git HEAD {_head_commit()} ({opts.before})" if opts.before else None,
+            "before": _describe(opts.before) if opts.before else None,
             "after": f"working tree ({opts.after})",
             "shapes": {"batch": BATCH, "kv_heads": KV_HEADS, "gqa_group": GROUP, "q_dtype": "float16",
                        "block_m": 16, "block_n": 32, "num_warps": 4,

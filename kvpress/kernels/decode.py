@@ -60,14 +60,18 @@ class StoreEncoding(NamedTuple):
 
 
 class OutputPointers(NamedTuple):
-    """Where a program writes: q and its strides (B, Hq, Q, D), the partial outputs (B, Hq, Q, splits, D) and lses
-    (B, Hq, Q, splits) with theirs, and the optional logits (B, Hq, L) with (batch, head) strides."""
+    """Where a program writes: q (B, Hq, Q, D), the partial outputs (B, Hq, Q, splits, D) and lses
+    (B, Hq, Q, splits), their strides, and the optional logits (B, Hq, L) with (batch, head) strides.
+
+    The three pointers come before the strides on purpose: this order is the kernel's parameter layout, and with
+    each pointer followed by its strides ptxas (sm_90) allocates registers worse in the tile loop (4 more loop
+    instructions for d128 int8-K / int4-V paged16, eval/results/kernel_instructions_issue12.json)."""
 
     q: object
-    q_strides: tuple
     out: object
-    out_strides: tuple
     lse: object
+    q_strides: tuple
+    out_strides: tuple
     lse_strides: tuple
     scores: object
     score_strides: tuple

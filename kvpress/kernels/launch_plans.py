@@ -5,9 +5,13 @@ per (query shape, stores); each call adds its own tensors, bounds and logit offs
 A plan is found by the stores' tensor ids and used only if weak references confirm that those very tensors are
 still the ones passed (a store that grows or is replaced gets new tensors, hence a new plan; no plan keeps a
 tensor alive). Row bounds are re-checked on every call, cheaply (Python ints or (B,) int tensors).
+
+Threads that generate concurrently share the cache: every operation on it holds one lock (a plan, once built, is
+never mutated, so a plan found under the lock is used outside it).
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class LaunchPlan:
 
 
 _plans: OrderedDict = OrderedDict()
+_plans_lock = threading.Lock()  # guards every read and write of _plans
 
 
 def plan_key(q: torch.Tensor, stores: tuple, extra: tuple) -> tuple:
@@ -50,32 +55,37 @@ def plan_key(q: torch.Tensor, stores: tuple, extra: tuple) -> tuple:
 
 def find_plan(key: tuple, stores: tuple) -> LaunchPlan | None:
     """The cached plan of `key` if its stores' tensors are still the very ones passed, else None."""
-    plan = _plans.get(key)
-    if plan is None:
-        return None
-    for store, refs in zip(stores, plan.refs):
-        for t, ref in zip(store.tensors(), refs):
-            if (ref is None) != (t is None) or (ref is not None and ref() is not t):
-                del _plans[key]
-                return None
-    _plans.move_to_end(key)
-    return plan
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is None:
+            return None
+        for store, refs in zip(stores, plan.refs):
+            for t, ref in zip(store.tensors(), refs):
+                if (ref is None) != (t is None) or (ref is not None and ref() is not t):
+                    del _plans[key]
+                    return None
+        _plans.move_to_end(key)
+        return plan
 
 
 def remember_plan(key: tuple, stores: tuple, plan: LaunchPlan) -> LaunchPlan:
     """Store a new plan with weak references to the stores' tensors and return it."""
     plan.refs = tuple(tuple(None if t is None else weakref.ref(t) for t in store.tensors()) for store in stores)
-    _plans[key] = plan
-    if len(_plans) > MAX_PLANS:
-        _plans.popitem(last=False)
+    with _plans_lock:
+        _plans[key] = plan
+        _plans.move_to_end(key)  # another thread may have remembered the same key meanwhile
+        if len(_plans) > MAX_PLANS:
+            _plans.popitem(last=False)
     return plan
 
 
 def clear_plans() -> None:
     """Forget every cached plan (tests)."""
-    _plans.clear()
+    with _plans_lock:
+        _plans.clear()
 
 
 def cached_plans() -> int:
     """Number of cached plans (tests)."""
-    return len(_plans)
+    with _plans_lock:
+        return len(_plans)

@@ -162,8 +162,9 @@ def _new_plan(key, q, stores, sm_scale, num_splits, scores, score_offsets) -> La
         refs=(), layouts=tuple(_store_layout(s, g) for s, g in zip(stores, geos)), split_ends=tuple(split_ends),
         shared=(geo.kv_heads, geo.group, num_queries, sm_scale * LOG2E), out_strides=out_strides,
         lse_strides=lse_strides,
-        constexprs={"NUM_STORES": len(stores), "ENCODINGS": tuple(_store_encoding(s, g, q) for s, g in zip(stores, geos)),
-                    "HALF": head_dim // 2, "BLOCK_M": block_m, "BLOCK_N": block_n, "SCORES": scores is not None},
+        constexprs={"NUM_STORES": len(stores),
+                    "ENCODINGS": tuple(_store_encoding(s, g, q) for s, g in zip(stores, geos)), "HALF": head_dim // 2,
+                    "BLOCK_M": block_m, "BLOCK_N": block_n, "SCORES": scores is not None},
         grid=(batch * geo.kv_heads, m_tiles, total), num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
         total_splits=total,
     ))  # fmt: skip
@@ -220,10 +221,10 @@ def extend_attention_multi_triton(
         part_out = torch.empty(batch, q_heads, num_queries, total, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, q_heads, num_queries, total, dtype=torch.float32, device=q.device)
     if scores is None:
-        io = OutputPointers(q, q.stride(), part_out, plan.out_strides, part_lse, plan.lse_strides, 0, (0, 0))
+        io = OutputPointers(q, part_out, part_lse, q.stride(), plan.out_strides, plan.lse_strides, 0, (0, 0))
         score_offsets = (0,) * len(stores)
     else:  # the logit buffer grows with every decode step (so do its strides), its offsets move
-        io = OutputPointers(q, q.stride(), part_out, plan.out_strides, part_lse, plan.lse_strides, scores,
+        io = OutputPointers(q, part_out, part_lse, q.stride(), plan.out_strides, plan.lse_strides, scores,
                             (scores.stride(0), scores.stride(1)))  # fmt: skip
     pointers, bounds = [], []
     for store, layout, offset, split_end in zip(stores, plan.layouts, score_offsets, plan.split_ends):
