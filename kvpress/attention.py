@@ -14,6 +14,7 @@ compress when the prompt is complete (first decode step), or after every chunk w
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -129,13 +130,16 @@ def _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_vali
 
 
 CHUNK_LOGITS_BUDGET = 1 << 28  # bytes of fp32 logits materialised at once inside a chunk
-_last_causal_check: list = [None, None]  # ((weak ref, version) of the mask, result): a forward's layers share it
+# per thread, `.last` = (weak ref, version, result) of the last chunk mask compared: a forward's layers (one thread)
+# share it, and threads generating concurrently never see each other's masks
+_last_causal_check = threading.local()
 
 
 def _causal_chunk(chunk_mask, chunk_valid, window) -> tuple[bool, torch.Tensor | None]:
     """(True, rows' first real chunk token (B,) or None) when the chunk's mask is plain causal attention after left
     padding - what the kernels' causal chunk store computes - else (False, None): sliding windows and other masks
-    keep the masked torch path. A given mask is compared once (one host sync per forward, not per layer)."""
+    keep the masked torch path. A given mask is compared once (one host sync per forward, not per layer; the last
+    comparison is remembered per thread)."""
     if window is not None:
         return False, None
     if chunk_mask is None:
@@ -144,13 +148,14 @@ def _causal_chunk(chunk_mask, chunk_valid, window) -> tuple[bool, torch.Tensor |
     if chunk_mask.dim() != 4 or chunk_mask.shape[-2:] != (q_len, q_len):
         return False, None
     start = (q_len - chunk_valid.sum(dim=1)).to(torch.int32)
-    checked = _last_causal_check[0]
+    checked = getattr(_last_causal_check, "last", None)  # read once: (ref, version, result) belong together
     if checked is None or checked[0]() is not chunk_mask or checked[1] != chunk_mask._version:
         positions = torch.arange(q_len, device=chunk_mask.device)
         expected = (positions[None, :] <= positions[:, None])[None] & (positions[None, None, :] >= start[:, None, None])
         got = _as_bool(chunk_mask)[:, 0]
-        _last_causal_check[:] = [(weakref.ref(chunk_mask), chunk_mask._version), bool((got == expected).all())]
-    return _last_causal_check[1], start
+        checked = (weakref.ref(chunk_mask), chunk_mask._version, bool((got == expected).all()))
+        _last_causal_check.last = checked
+    return checked[2], start
 
 
 def _chunk_attention(query, key, value, chunk_mask, scaling, window):

@@ -1,8 +1,12 @@
-"""Torch twins of the multi-store attention kernels (kernels/multi.py): same signatures, same results, vectorised
-over tokens with gathered and dequantized pages (store_access.py). They run on CPU and whenever Triton is not used."""
+"""Torch twins of the multi-store attention kernels (kernels/multi.py): same signatures, same results. This is what
+runs on CPU, so each store is read in a handful of ops: codes are converted to float once per call (never
+dequantized element by element when the groups allow), logits come from the codes, q.(s*c + z) = s*(q.c) + z*sum(q)
+per token and group, and the stores' logits share one softmax. kernels/reference_plain.py is the slow oracle they
+are tested against."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,86 +15,193 @@ from kvpress.kernels.store import (
     check_decode_query,
     check_extend_query,
     check_score_args,
-    check_store,
     check_stores,
     row_bounds,
 )
-from kvpress.kernels.store_access import gather_dequantized, token_span
+from kvpress.kernels.store_access import gather_tokens, token_span
 
 LOG2E = 1.4426950408889634
-REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows
+REFERENCE_CHUNK_ELEMENTS = 1 << 24  # logits elements per block of query rows (extend)
 
 
-def store_attention_reference(q: torch.Tensor, store: KVStore, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Q, D) over one store's tokens [kv_start, kv_end) of each row (causal if the store is) -> out
-    (B, Hq, Q, D) float32, natural-log lse (B, Hq, Q); empty rows give out 0, lse -inf. Query rows are processed in
-    chunks to bound the score matrix."""
-    geo = check_store(q, store)
+@dataclass
+class _Span:
+    """The tokens [begin, end) of a store that some row attends, and which rows attend which (None: every row
+    attends all of them)."""
+
+    begin: int
+    end: int
+    valid: torch.Tensor | None  # (B, end - begin) bool
+
+
+def _span(store: KVStore, batch: int, device: torch.device) -> _Span:
+    """The attended span of a store: no tensor op for int bounds, one validity mask for per-row bounds."""
+    start, end = store.kv_start, store.kv_end
+    if not isinstance(start, torch.Tensor) and not isinstance(end, torch.Tensor):
+        if end > store.capacity:
+            raise ValueError(f"need kv_end <= max_pages * page_size = {store.capacity}")
+        return _Span(min(start, end), end, None)
+    start, end = row_bounds(store, batch, device)
+    begin, stop = token_span(start, end, store.block_table, store.page_size)
+    stop = max(stop, begin)
+    positions = torch.arange(begin, stop, device=device)
+    valid = (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])
+    return _Span(begin, stop, valid)
+
+
+def _one_page_per_row(store: KVStore, end: int) -> bool:
+    """True when row b's tokens are the first slots of page b (the contiguous store): fields are sliced, not
+    gathered."""
+    table = store.block_table
+    batch = table.shape[0]
+    if table.shape[1] != 1 or store.k.shape[0] != batch or end > store.page_size:
+        return False
+    if batch == 1:
+        return True  # one page: the table can only name it
+    return bool(torch.equal(table[:, 0], torch.arange(batch, device=table.device, dtype=table.dtype)))
+
+
+def _tokens(field: torch.Tensor, store: KVStore, span: _Span, sliced: bool) -> torch.Tensor:
+    """Raw per-token rows (B, Hkv, T, X) of the span: a view for the contiguous store, else one gather."""
+    if sliced:
+        return field[:, :, span.begin : span.end]
+    return gather_tokens(field, store.block_table, span.begin, span.end, False)
+
+
+def _float_codes(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes as float32 parts (B, Hkv, P, T, D / P): P = 2 for 4-bit codes (low nibbles are the first half of the
+    head dim, high nibbles the second), else 1; 16-bit fields are just converted."""
+    if bits == 4:
+        return torch.stack((raw & 15, raw >> 4), dim=2).float()
+    return raw.float().unsqueeze(2)
+
+
+class _Field:
+    """One stored field (k or v) of a store's span, read once per call: float parts (B, Hkv, P, T, W) and, for
+    codes, float scale and zero (B, Hkv, G, T). One group per part (or one over the whole head dim) stays codes and
+    is factored into the matmuls; more groups per part are dequantized here (then `quantized` is False)."""
+
+    def __init__(self, store: KVStore, name: str, span: _Span, sliced: bool) -> None:
+        bits = store.k_bits if name == "k" else store.v_bits
+        self.parts = _float_codes(_tokens(getattr(store, name), store, span, sliced), bits)
+        self.quantized = bits != 16
+        self.scale = self.zero = None  # float (B, Hkv, G, T): token-minor, so broadcasts over rows are contiguous
+        if self.quantized:
+            self.scale, self.zero = (
+                _tokens(getattr(store, f"{name}_{part}"), store, span, sliced)
+                .transpose(-1, -2)
+                .to(torch.float32, memory_format=torch.contiguous_format)
+                for part in ("scale", "zero")
+            )
+            b, h, n_parts, t, width = self.parts.shape
+            groups = self.scale.shape[2]
+            if groups not in (1, n_parts):  # several groups per part: dequantize (the factored form needs one)
+                grouped = self.parts.view(b, h, n_parts, t, groups // n_parts, width * n_parts // groups)
+                per_part = (b, h, n_parts, groups // n_parts, t)
+                grouped.mul_(self.scale.view(per_part).transpose(-1, -2)[..., None])
+                grouped.add_(self.zero.view(per_part).transpose(-1, -2)[..., None])
+                self.quantized = False
+
+    def part_scales(self) -> torch.Tensor:
+        """Scales per (part, token): (B, Hkv, P or 1, 1, T)."""
+        return self.scale.unsqueeze(3)
+
+
+def _key_logits(qs: torch.Tensor, keys: _Field) -> torch.Tensor:
+    """Logits (B, Hkv, R, T) of pre-scaled queries qs (B, Hkv, R, D) against a store's keys, from the codes:
+    per part, (q.c) * s + sum(q) * z."""
+    b, h, n_parts, t, width = keys.parts.shape
+    rows = qs.shape[2]
+    q_parts = qs.view(b, h, rows, n_parts, width).transpose(2, 3)  # (B, Hkv, P, R, W)
+    dots = torch.matmul(q_parts, keys.parts.transpose(-1, -2))  # (B, Hkv, P, R, T)
+    if not keys.quantized:
+        return dots[:, :, 0] if n_parts == 1 else dots.sum(2)
+    groups = keys.scale.shape[2]
+    if groups == 1 or n_parts == 1:
+        logits = dots[:, :, 0] if n_parts == 1 else dots.sum(2)
+        logits.mul_(keys.scale)
+    else:
+        logits = dots.mul_(keys.part_scales()).sum(2)
+    q_sums = qs.view(b, h, rows, groups, -1).sum(-1)  # (B, Hkv, R, G)
+    return logits.add_(torch.matmul(q_sums, keys.zero))
+
+
+def _value_sum(probs: torch.Tensor, values: _Field) -> torch.Tensor:
+    """sum_t probs * v_t (B, Hkv, R, D) for unnormalised probs (B, Hkv, R, T), from the codes: per part,
+    (p * s) @ c + p @ z."""
+    b, h, n_parts, t, width = values.parts.shape
+    rows = probs.shape[2]
+    if values.quantized:
+        weights = probs.unsqueeze(2) * values.part_scales()  # (B, Hkv, P or 1, R, T)
+    else:
+        weights = probs.unsqueeze(2)
+    out = torch.matmul(weights, values.parts)  # (B, Hkv, P, R, W)
+    out = out[:, :, 0] if n_parts == 1 else out.transpose(2, 3).reshape(b, h, rows, n_parts * width)
+    if values.quantized:
+        zeros = torch.matmul(probs, values.zero.transpose(-1, -2))  # (B, Hkv, R, G)
+        groups = zeros.shape[-1]
+        out.view(b, h, rows, groups, -1).add_(zeros.unsqueeze(-1))
+    return out
+
+
+def _attend(
+    q: torch.Tensor, stores: tuple[KVStore, ...], sm_scale: float, scores: torch.Tensor | None = None,
+    score_offsets: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, Q, D) over every store, one softmax over all their logits -> out (B, Hq, Q, D) float32,
+    natural-log lse (B, Hq, Q); empty rows give 0 and -inf. Query rows are processed in blocks (extend)."""
     batch, q_heads, num_queries, head_dim = q.shape
-    out = torch.zeros(batch, q_heads, num_queries, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, q_heads, num_queries), -math.inf, dtype=torch.float32, device=q.device)
-    kv_start, kv_end = row_bounds(store, batch, q.device)
-    t_begin, t_end = token_span(kv_start, kv_end, store.block_table, geo.page_size)
-    if t_end <= t_begin or out.numel() == 0:
-        return out, lse
-    keys = gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
-                              geo.k_group)  # fmt: skip
-    values = gather_dequantized(store.v, store.v_scale, store.v_zero, store.block_table, t_begin, t_end,
-                                store.v_bits, geo.v_group)  # fmt: skip
-    positions = torch.arange(t_begin, t_end, device=q.device)
-    invalid = (positions[None, :] < kv_start[:, None]) | (positions[None, :] >= kv_end[:, None])
-    invalid = invalid[:, None, None, :]  # (B, 1, 1, T)
-    rows = geo.group * num_queries
-    queries = q.float().reshape(batch, geo.kv_heads, rows, head_dim)
-    out_rows = out.view(batch, geo.kv_heads, rows, head_dim)
-    lse_rows = lse.view(batch, geo.kv_heads, rows)
-    chunk = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * geo.kv_heads * (t_end - t_begin)))
-    for r0 in range(0, rows, chunk):
-        scores = torch.matmul(queries[:, :, r0 : r0 + chunk], keys.transpose(-1, -2)).mul_(sm_scale)
-        scores.masked_fill_(invalid, -math.inf)
-        if store.causal:  # rows are (head, query) pairs, query-minor
-            query_index = torch.arange(r0, min(r0 + chunk, rows), device=q.device) % num_queries
-            scores.masked_fill_(positions[None, :] > query_index[:, None], -math.inf)
-        row_lse = torch.logsumexp(scores, dim=-1)
-        probs = scores.sub_(torch.nan_to_num(row_lse, neginf=0.0).unsqueeze(-1)).exp_()
-        out_rows[:, :, r0 : r0 + chunk] = torch.matmul(probs, values)
-        lse_rows[:, :, r0 : r0 + chunk] = row_lse
-    return out, lse
+    kv_heads = stores[0].k.shape[1]
+    group = q_heads // kv_heads
+    rows = group * num_queries
+    spans = [_span(store, batch, q.device) for store in stores]
+    fields = []
+    for store, span in zip(stores, spans):
+        sliced = _one_page_per_row(store, span.end)
+        fields.append((_Field(store, "k", span, sliced), _Field(store, "v", span, sliced)))
+    total = sum(span.end - span.begin for span in spans)
+    qs = (q.float() * sm_scale).view(batch, kv_heads, rows, head_dim)
+    out = torch.empty(batch, kv_heads, rows, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, kv_heads, rows, dtype=torch.float32, device=q.device)
+    block = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * kv_heads * total))
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        logits = [_key_logits(qs[:, :, r0:r1], keys) for keys, _ in fields]
+        for store, span, part in zip(stores, spans, logits):
+            if span.valid is not None:
+                part.masked_fill_(~span.valid[:, None, None, :], -math.inf)
+            if store.causal:  # rows are (head, query) pairs, query-minor
+                query_index = torch.arange(r0, r1, device=q.device) % num_queries
+                positions = torch.arange(span.begin, span.end, device=q.device)
+                part.masked_fill_(positions[None, :] > query_index[:, None], -math.inf)
+        if scores is not None:
+            _write_logits(scores, logits, spans, score_offsets)
+        joined = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-1)
+        top = joined.amax(dim=-1, keepdim=True) if total else joined.new_zeros(*joined.shape[:-1], 1)
+        top = top.masked_fill_(top == -math.inf, 0.0)
+        probs = joined.sub_(top).exp_()
+        mass = probs.sum(dim=-1, keepdim=True)
+        acc, offset = None, 0
+        for (_, values), span in zip(fields, spans):
+            width = span.end - span.begin
+            part = _value_sum(probs[..., offset : offset + width], values)
+            acc = part if acc is None else acc.add_(part)
+            offset += width
+        torch.div(acc, mass.clamp_min(torch.finfo(torch.float32).tiny), out=out[:, :, r0:r1])
+        torch.add(top.squeeze(-1), mass.squeeze(-1).log(), out=lse[:, :, r0:r1])
+    return out.view(batch, q_heads, num_queries, head_dim), lse.view(batch, q_heads, num_queries)
 
 
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact log-sum-exp merge over the leading axis of partials outs (N, ..., D) and natural-log lses (N, ...);
-    partials with lse -inf get weight 0; all empty gives out 0, lse -inf."""
-    top = lses.max(dim=0).values
-    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
-    weights = torch.exp(lses - top)
-    total = weights.sum(dim=0)
-    nonempty = total > 0
-    safe_total = torch.where(nonempty, total, torch.ones_like(total))
-    parts = torch.where(weights[..., None] > 0, outs * weights[..., None], torch.zeros_like(outs))
-    out = parts.sum(dim=0) / safe_total[..., None]
-    lse = torch.where(nonempty, top + torch.log(safe_total), torch.full_like(top, -math.inf))
-    return out, lse
-
-
-def store_logits_reference(
-    q: torch.Tensor, store: KVStore, sm_scale: float
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Decode logits in the log2 domain, q.k * sm_scale * log2(e), of q (B, Hq, D) against a store's tokens
-    [t_begin, t_end) (the span of all rows): (t_begin, logits (B, Hq, t_end - t_begin) float32, valid (B, span)
-    bool, True inside each row's [kv_start, kv_end)). What the fused decode writes when asked for scores."""
-    geo = check_store(q[:, :, None], store)
-    kv_start, kv_end = row_bounds(store, q.shape[0], q.device)
-    t_begin, t_end = token_span(kv_start, kv_end, store.block_table, geo.page_size)
-    t_end = max(t_end, t_begin)
-    batch, q_heads, head_dim = q.shape
-    keys = gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
-                              geo.k_group)  # fmt: skip
-    queries = q.float().reshape(batch, geo.kv_heads, geo.group, head_dim)
-    logits = torch.matmul(queries, keys.transpose(-1, -2)).mul_(sm_scale * LOG2E).reshape(batch, q_heads, -1)
-    positions = torch.arange(t_begin, t_end, device=q.device)
-    valid = (positions[None, :] >= kv_start[:, None]) & (positions[None, :] < kv_end[:, None])
-    return t_begin, logits, valid
+def _write_logits(scores: torch.Tensor, logits: list[torch.Tensor], spans: list[_Span], offsets) -> None:
+    """Decode: each attended token's logit in the log2 domain at column offset + token (other columns kept)."""
+    batch, q_heads = scores.shape[:2]
+    for part, span, offset in zip(logits, spans, offsets):
+        columns = scores[:, :, offset + span.begin : offset + span.end]
+        values = part.reshape(batch, q_heads, -1) * LOG2E
+        if span.valid is None:
+            columns.copy_(values)
+        else:
+            columns.copy_(torch.where(span.valid[:, None, :], values, columns))
 
 
 def extend_attention_multi_reference(
@@ -101,15 +212,11 @@ def extend_attention_multi_reference(
     *,
     num_splits: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Q, D) over 1..MAX_STORES stores, each attended alone and merged exactly -> out (B, Hq, Q, D)
-    float32 (or `out_dtype`), natural-log lse (B, Hq, Q) float32. `num_splits` only tunes the Triton kernel."""
+    """q (B, Hq, Q, D) over 1..MAX_STORES stores, exactly merged -> out (B, Hq, Q, D) float32 (or `out_dtype`),
+    natural-log lse (B, Hq, Q) float32. `num_splits` only tunes the Triton kernel."""
     check_stores(q, stores)
     check_extend_query(q)
-    parts = [store_attention_reference(q, store, sm_scale) for store in stores]
-    if len(parts) == 1:
-        out, lse = parts[0]
-    else:
-        out, lse = merge_partials(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
+    out, lse = _attend(q, tuple(stores), sm_scale)
     return (out if out_dtype is None else out.to(out_dtype)), lse
 
 
@@ -127,12 +234,9 @@ def decode_attention_multi_reference(
 
     With `scores` (float32 (B, Hq, L)), also writes each attended token's logit in the log2 domain,
     q.k * sm_scale * log2(e), at column score_offsets[store] + token (the pass H2O's mass needs, fused)."""
+    check_stores(q, stores)
     check_decode_query(q)
     check_score_args(q, stores, scores, score_offsets)
-    out, lse = extend_attention_multi_reference(q[:, :, None], stores, sm_scale, out_dtype)
-    if scores is not None:
-        for store, offset in zip(stores, score_offsets):
-            t_begin, logits, valid = store_logits_reference(q, store, sm_scale)
-            columns = scores[:, :, offset + t_begin : offset + t_begin + logits.shape[2]]
-            columns.copy_(torch.where(valid[:, None, :], logits, columns))
-    return out[:, :, 0], lse[:, :, 0]
+    out, lse = _attend(q[:, :, None], tuple(stores), sm_scale, scores, score_offsets)
+    out = out[:, :, 0]
+    return (out if out_dtype is None else out.to(out_dtype)), lse[:, :, 0]

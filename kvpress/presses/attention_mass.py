@@ -78,18 +78,27 @@ def accumulate_attention_mass(
     batch, kv_heads, n_tokens, head_dim = keys.shape
     grouped = _group_queries(queries, kv_heads)
     group_size, n_queries = grouped.shape[2], grouped.shape[3]
-    key_positions = torch.arange(n_tokens, device=keys.device)
     keys_f32 = keys.float()
     mass = torch.zeros(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
+    padded = not bool(valid.all())
     for start in range(0, n_queries, chunk):
         stop = min(start + chunk, n_queries)
+        seen = causal_offset + stop  # keys after the chunk's last query are masked for all of its queries
         rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, group_size * (stop - start), head_dim)
         positions = (causal_offset + torch.arange(start, stop, device=keys.device)).repeat(group_size)
-        logits = _masked_logits(rows, keys_f32, sm_scale, positions, key_positions, valid)
-        # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
-        probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
-        query_is_real = valid[:, positions]  # (B, R)
-        mass += (probs * query_is_real[:, None, :, None]).sum(dim=2)
+        if padded:
+            key_positions = torch.arange(seen, device=keys.device)
+            logits = _masked_logits(rows, keys_f32[:, :, :seen], sm_scale, positions, key_positions, valid[:, :seen])
+            # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
+            probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+            probs.mul_(valid[:, positions][:, None, :, None])
+        else:  # every query sees at least itself: only the keys of the chunk itself need the causal mask
+            logits = torch.matmul(rows.float(), keys_f32[:, :, :seen].transpose(-1, -2)).mul_(sm_scale)
+            first = causal_offset + start
+            diagonal = torch.arange(first, seen, device=keys.device)
+            logits[..., first:].masked_fill_(diagonal[None, :] > positions[:, None], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+        mass[:, :, :seen] += probs.sum(dim=2)
     return mass
 
 
