@@ -9,18 +9,22 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
 from .attention import ATTENTION_NAME, register
-from .cache import SUPPORTED_LAYER_TYPES, KVPressCache
-from .config import resolve_config
-from .hf_compat import cache_kwargs, layer_types_and_kwargs, pop_cache
+from .cache import KVPressCache, check_text_config
+from .config import KVConfig, head_dim_of, resolve_config
+from .hf_compat import cache_kwargs, pop_cache
 from .paged_cache import PagedKVCache
 
 _STATE_ATTR = "_kvpress_state"
 _UNSET = object()
 
 
-def check_model(model) -> None:
-    """Raise ValueError unless the model is a decoder-only model whose attention goes through AttentionInterface."""
+def check_model(model, kv_config: KVConfig | None = None) -> None:
+    """Raise ValueError unless the model is a decoder-only model whose attention goes through AttentionInterface and
+    that kvpress can run exactly with `kv_config` (layer types, attention settings, learned sinks; see
+    cache.check_text_config)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise ValueError(f"kvpress.wrap needs a transformers generative model, got {type(model).__name__}.")
@@ -35,10 +39,14 @@ def check_model(model) -> None:
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so kvpress "
             "cannot attend over its compressed cache."
         )
-    layer_types, _ = layer_types_and_kwargs(config.get_text_config(decoder=True))
-    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-    if unsupported:
-        raise ValueError(f"kvpress supports attention layers {SUPPORTED_LAYER_TYPES}; this model has {unsupported}.")
+    check_text_config(config.get_text_config(decoder=True), kv_config or KVConfig())
+    sinks = [name for name, module in model.named_modules()
+             if isinstance(getattr(module, "sinks", None), torch.nn.Parameter)]
+    if sinks:
+        raise ValueError(
+            f"{type(model).__name__} has learned attention sinks (the `s_aux` attention argument, e.g. gpt-oss; "
+            f"{sinks[0]}.sinks), which the kvpress attention does not implement; this model cannot be wrapped."
+        )
 
 
 def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix_cache: Any = None,
@@ -50,8 +58,9 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
     `prefix_namespace`: the key that tells this model's shared prefixes apart from other models' in a PrefixCache
     (default: a fingerprint of sampled weights, computed once here, so two fine-tunes of one base never share KV).
     """
-    check_model(model)
-    kv_config = resolve_config(press=press, quant=quant, paged=paged)
+    head_dim = head_dim_of(model.config.get_text_config(decoder=True)) if hasattr(model, "config") else None
+    kv_config = resolve_config(press=press, quant=quant, paged=paged, head_dim=head_dim)
+    check_model(model, kv_config)
     if prefix_cache is not None:
         from .paged.prefix_cache import PrefixCache
         from .prefix import check_prefix_config
@@ -89,7 +98,8 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
             if given is not None:
                 raise ValueError("Pass press=/quant= or an explicit cache (past_key_values=), not both.")
             cfg = resolve_config(press=cfg.press if press is _UNSET else press,
-                                 quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged)
+                                 quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged, head_dim=head_dim)
+            check_text_config(model.config.get_text_config(decoder=True), cfg)
         if isinstance(given, PagedKVCache) or (given is None and state["prefix_cache"] is not None):
             from .prefix import generate_with_prefix_cache
 
@@ -105,6 +115,9 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
             cache = KVPressCache(model.config, press=cfg.press, quant=cfg.quant, paged=cfg.paged)
         if isinstance(cache, KVPressCache):  # the press may run the model when it compresses (prepare_compression)
             cache.attach_model(model)
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(prompt, torch.Tensor):  # compress after the prompt, even if its last prefill chunk is 1 token
+                cache.expect_prompt(prompt.shape[-1])
         out = original(*args, **cache_kwargs(model, cache), **kwargs)
         state["last_stats"] = cache.stats() if isinstance(cache, KVPressCache) else None
         return out

@@ -18,7 +18,9 @@ from .hf_compat import layer_types_and_kwargs
 from .presses.state import EvictionSpan, PrefillChunk, PressState
 from .segments import FLUSH_BLOCK, SegmentedKV, SharedPrefix
 
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# config attributes whose non-None value changes the attention math in a way the kvpress attention does not implement
+UNSUPPORTED_ATTENTION_SETTINGS = {"attn_logit_softcapping": "attention logit softcapping"}
 
 
 class KVPressLayer(CacheLayerMixin):
@@ -51,6 +53,7 @@ class KVPressLayer(CacheLayerMixin):
         self.kv_start: torch.Tensor | None = None  # (B,) int32; None when every stored token is attended
         self.n_pad: torch.Tensor | None = None  # (B,) int32 padding tokens per row; None when none
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prompt_length: int | None = None  # positions of the prompt when known (a 1-token chunk may be prompt)
 
     # --- transformers CacheLayerMixin API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -172,12 +175,22 @@ class KVPressLayer(CacheLayerMixin):
         if self.deferred is not None:
             self._encode_deferred(query, sm_scale)
             return
-        if self.press is not None and query.shape[2] > 1:
+        if self.press is not None and (query.shape[2] > 1 or self._prompt_chunk()):
             self._observe_prefill(query, sm_scale)
             if self.compress_every_chunk:
                 self.compress()
         if self.is_sliding:
             self.slide()
+
+    def expect_prompt(self, n_positions: int) -> None:
+        """The prompt spans `n_positions` positions (KVPressCache.expect_prompt)."""
+        self.prompt_length = n_positions
+
+    def _prompt_chunk(self) -> bool:
+        """Whether the one-token chunk just stored is the prompt's last (a chunked prefill's 1-token tail) rather
+        than a decode step: the press observes it as prefill (unless it takes decode logits, as H2O does)."""
+        return (self.prompt_length is not None and self.logical_length <= self.prompt_length
+                and not self.wants_decode_logits())
 
     def append(self, key: torch.Tensor, value: torch.Tensor, chunk_valid: torch.Tensor | None) -> None:
         """Store a new chunk and advance the logical length; track left padding per row."""
@@ -377,21 +390,16 @@ class KVPressCache(Cache):
         whole prompt is stored (default: best quality; peak memory = the full prompt)."""
         from .config import resolve_config
 
-        self.kv_config = resolve_config(press=press, quant=quant, paged=paged)
+        from .config import head_dim_of
+
+        text_config = config.get_text_config(decoder=True)
+        self.head_dim = head_dim_of(text_config)
+        self.kv_config = resolve_config(press=press, quant=quant, paged=paged, head_dim=self.head_dim)
         press, quant = self.kv_config.press, self.kv_config.quant
         _check_press_with_quant(press, quant)
-        text_config = config.get_text_config(decoder=True)
+        check_text_config(text_config, self.kv_config)
         layer_types, layer_kwargs = layer_types_and_kwargs(text_config)
-        unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-        if unsupported:
-            raise ValueError(
-                f"KVPressCache supports attention layers of types {SUPPORTED_LAYER_TYPES}; this model has {unsupported}."
-            )
-        n_heads = text_config.num_attention_heads
-        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
-        self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or n_heads
-        if quant is not None:
-            quant.check_head_dim(self.head_dim)
+        self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         layers = []
         for layer_type, kwargs in zip(layer_types, layer_kwargs):
             window = kwargs.get("sliding_window") if layer_type != "full_attention" else None
@@ -401,6 +409,7 @@ class KVPressCache(Cache):
                 layers.append(KVPressLayer(press=press, quant=quant, compress_every_chunk=compress_every_chunk))
         super().__init__(layers=layers)
         self._last_layer: KVPressLayer | None = None
+        self.prompt_length: int | None = None  # positions of the prompt, when known (expect_prompt)
         self._model: weakref.ref | None = None  # the model whose generate uses this cache (attach_model)
 
     def attach_model(self, model) -> None:
@@ -408,6 +417,14 @@ class KVPressCache(Cache):
         hand it to the press (`BasePress.prepare_compression`: KVzip replays the context through it). kvpress.wrap's
         generate attaches its model to the cache it builds or is given."""
         self._model = weakref.ref(model)
+
+    def expect_prompt(self, n_positions: int) -> None:
+        """The prompt spans `n_positions` positions (past ones included): compress only once they are all stored.
+        A chunked prefill may end with a one-token chunk, which looks like a decode step; without this call such a
+        chunk would compress before the prompt's last token attends (kvpress.wrap's generate calls it)."""
+        self.prompt_length = n_positions
+        for layer in self.layers:
+            layer.expect_prompt(n_positions)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         last = self._last_layer
@@ -420,7 +437,7 @@ class KVPressCache(Cache):
         if layer_idx == 0:
             self._check_not_torn()
         layer = self.layers[layer_idx]
-        if key_states.shape[2] == 1 and layer.needs_compression:
+        if key_states.shape[2] == 1 and layer.needs_compression and layer.logical_length >= (self.prompt_length or 0):
             self.compress()  # the prompt is complete: compress every layer before the first decode step
         self._last_layer = layer
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -439,7 +456,7 @@ class KVPressCache(Cache):
         """Memory accounting from the tensors actually held, beside what a 16-bit DynamicCache would hold."""
         layers = [layer for layer in self.layers if isinstance(layer, KVPressLayer)]
         batch = max((layer.kv.batch_size for layer in layers if layer.kv.length), default=0)
-        nbytes = sum(layer.nbytes() for layer in layers)
+        nbytes = sum(t.numel() * t.element_size() for t in self.tensors())
         per_token_head_fp16 = 2 * self.head_dim * 2  # K and V, 2 bytes each
         dynamic_tokens = [
             min(layer.logical_length, layer.sliding_window - 1) if layer.is_sliding else layer.logical_length
@@ -447,6 +464,8 @@ class KVPressCache(Cache):
         ]
         fp16_nbytes = sum(batch * self.num_key_value_heads * t * per_token_head_fp16 for t in dynamic_tokens)
         full = [layer for layer in layers if not layer.is_sliding] or layers
+        applied = {"press": [i for i, layer in enumerate(layers) if _configured(layer, "press")],
+                   "quant": [i for i, layer in enumerate(layers) if _configured(layer, "quant")]}
         return {
             "logical_tokens": max((layer.logical_length for layer in layers), default=0),
             "stored_tokens": sum(layer.stored_length for layer in full) / max(len(full), 1),
@@ -457,6 +476,7 @@ class KVPressCache(Cache):
             "compression": nbytes / fp16_nbytes if fp16_nbytes else 1.0,
             "press": repr(self.kv_config.press) if self.kv_config.press is not None else None,
             "quant": str(self.kv_config.quant) if self.kv_config.quant is not None else None,
+            "applied_to_layers": applied,  # which layers the press / quant apply to (sliding layers: neither)
         }
 
     def compress(self, model=None) -> None:
@@ -475,8 +495,41 @@ class KVPressCache(Cache):
             layer.compress()
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache holds (for tests and memory audits)."""
-        return [t for layer in self.layers for t in layer.tensors()]
+        """Every tensor the cache holds, each once (layers may share one, e.g. a prefix's block table)."""
+        distinct = {id(t): t for layer in self.layers for t in layer.tensors()}
+        return list(distinct.values())
+
+
+def _configured(layer: KVPressLayer, part: str) -> bool:
+    """Whether the configured press / quant ("press" or "quant") applies to `layer` (also while deferred)."""
+    if layer.deferred is not None:
+        return getattr(layer.deferred, part) is not None
+    return (layer.press if part == "press" else layer.kv.quant) is not None
+
+
+def check_text_config(text_config, kv_config) -> None:
+    """Refuse, before any work, a decoder the kvpress attention cannot run exactly with `kv_config`: layer types
+    other than full / sliding (Llama 4's chunked attention is not a sliding window), attention settings it does not
+    implement (logit softcapping), and a press or quantization on a model whose every layer slides (sliding layers
+    keep their window and are never pressed or quantized, so the setting would do nothing)."""
+    layer_types, _ = layer_types_and_kwargs(text_config)
+    unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise ValueError(
+            f"kvpress supports attention layers of types {SUPPORTED_LAYER_TYPES}; this model has {unsupported} "
+            "(chunked attention, e.g. Llama 4, attends within fixed chunks, which kvpress does not implement)."
+        )
+    for attr, what in UNSUPPORTED_ATTENTION_SETTINGS.items():
+        if getattr(text_config, attr, None) is not None:
+            raise ValueError(f"kvpress attention does not implement {what} ({attr}={getattr(text_config, attr)!r}, "
+                             "e.g. Gemma2); this model cannot be wrapped.")
+    configured = [name for name in ("press", "quant") if getattr(kv_config, name) is not None]
+    if configured and layer_types and all(t == "sliding_attention" for t in layer_types):
+        raise ValueError(
+            f"every attention layer of this model uses a sliding window, and kvpress neither presses nor quantizes "
+            f"sliding layers (they are bounded by their window), so {' and '.join(configured)} would do nothing; "
+            "wrap it without them (or load the model without a sliding window)."
+        )
 
 
 def _check_press_with_quant(press: Any, quant: Any) -> None:

@@ -31,8 +31,14 @@ def parse_bool(value: Any, name: str) -> bool:
     raise ValueError(f"{name}={value!r} is not a boolean; use true or false.")
 
 
-def resolve_config(press: Any = None, quant: Any = None, paged: Any = False) -> KVConfig:
-    """Validate and normalise the three parts; raises ValueError before any work starts."""
+def head_dim_of(text_config) -> int:
+    """The attention head size of a decoder config (`head_dim`, else hidden_size / num_attention_heads)."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, head_dim: int | None = None) -> KVConfig:
+    """Validate and normalise the three parts; raises ValueError before any work starts. With `head_dim`, the
+    quantization is fitted to it (QuantSpec.fit: default groups adapt, explicit ones that cannot fit raise)."""
     if isinstance(press, str) and press.strip().lower() in _FALSE:
         press = None
     if isinstance(quant, str) and quant.strip().lower() in _FALSE:
@@ -45,5 +51,7 @@ def resolve_config(press: Any = None, quant: Any = None, paged: Any = False) -> 
         from .quant.spec import QuantSpec
 
         quant = QuantSpec.parse(quant)
+        if head_dim is not None:
+            quant = quant.fit(head_dim)
     paged = parse_bool(paged, "paged")
     return KVConfig(press=press, quant=quant, paged=paged)

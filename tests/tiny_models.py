@@ -35,3 +35,12 @@ def left_padded_batch(batch: int = 3, length: int = 20, pads=(0, 5, 2), seed: in
         mask[row, :n] = 0
         ids[row, :n] = 0
     return ids, mask
+
+
+def head_dim_model(head_dim: int, arch: str = "llama", seed: int = 0):
+    """A tiny model of `arch` ("llama" or "phi3") with the given head_dim (2 query heads, 1 kv head, 2 layers), for
+    the head sizes real families use (64, 80, 96, 128, 256)."""
+    kwargs = {**COMMON, "hidden_size": 2 * head_dim, "num_attention_heads": 2, "num_key_value_heads": 1}
+    config = (Phi3Config if arch == "phi3" else LlamaConfig)(**kwargs, eos_token_id=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()

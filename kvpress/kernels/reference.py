@@ -160,7 +160,7 @@ def _attend(
         sliced = _one_page_per_row(store, span.end)
         fields.append((_Field(store, "k", span, sliced), _Field(store, "v", span, sliced)))
     total = sum(span.end - span.begin for span in spans)
-    qs = (q.float() * sm_scale).view(batch, kv_heads, rows, head_dim)
+    qs = (q.float() * sm_scale).reshape(batch, kv_heads, rows, head_dim)
     out = torch.empty(batch, kv_heads, rows, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, kv_heads, rows, dtype=torch.float32, device=q.device)
     block = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * kv_heads * total))

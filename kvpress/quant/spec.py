@@ -6,7 +6,7 @@ registered in kvpress/quant/registry.py) so configs and CLIs stay terse.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .codec_base import KVCodec
 from .registry import CODECS, DEFAULT_CODEC, codec_class
@@ -16,8 +16,8 @@ from .registry import CODECS, DEFAULT_CODEC, codec_class
 def accepted_forms() -> str:
     """The spec strings QuantSpec.parse accepts (named in its errors), with the codecs registered now."""
     return (
-        "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int8' (both 8-bit), "
-        "'int4' (both 4-bit), optionally prefixed by a registered codec name and '-' "
+        "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int4-int2', 'int2-int2', "
+        "'int8' (both 8-bit), 'int4' (both 4-bit), 'int2' (both 2-bit), optionally prefixed by a registered codec name and '-' "
         f"({', '.join(sorted(CODECS))}; default {DEFAULT_CODEC}), each optionally followed by ':'-separated options "
         "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
         "e.g. 'int8-int4:g32:r128:s4'"
@@ -32,11 +32,26 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _fitting_group(head_dim: int, bits: int, group: int | None) -> int | None:
+    """The largest power of two <= `group` that tiles head_dim for `bits`-bit codes (4-bit: divides head_dim/2),
+    else None (one group of head_dim); None stays None."""
+    if group is None or group == head_dim:
+        return group
+    span = head_dim // 2 if bits < 8 else head_dim
+    size = group
+    while size > 1 and span % size:
+        size //= 2
+    return size if size > 1 and span % size == 0 else None
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """KV quantization settings: key/value bits, group sizes along head_dim (None = one group of D),
     `residual` most recent tokens and `n_sink` first tokens kept in full precision, and the registered `codec`
-    (kvpress/quant/registry.py) that encodes the middle with them."""
+    (kvpress/quant/registry.py) that encodes the middle with them.
+
+    `adapt_groups` (not part of equality): the group sizes are defaults nobody asked for (a string without g/kg
+    options, or None), so `fit(head_dim)` shrinks them to fit the model; explicit ones are checked, never changed."""
 
     k_bits: int = 8
     v_bits: int = 4
@@ -45,6 +60,7 @@ class QuantSpec:
     residual: int = 128
     n_sink: int = 4
     codec: str = DEFAULT_CODEC
+    adapt_groups: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -70,7 +86,7 @@ class QuantSpec:
     def parse(cls, spec: str | QuantSpec | None) -> QuantSpec:
         """Build a QuantSpec from a string (see accepted_forms()), pass one through, or default for None."""
         if spec is None:
-            return cls()
+            return cls(adapt_groups=True)
         if isinstance(spec, QuantSpec):
             return spec
         if not isinstance(spec, str):
@@ -83,7 +99,7 @@ class QuantSpec:
         k_bits = int(match.group(2))
         v_bits = int(match.group(3)) if match.group(3) else k_bits
         try:
-            result = cls(k_bits=k_bits, v_bits=v_bits, codec=codec)
+            result = cls(k_bits=k_bits, v_bits=v_bits, codec=codec, adapt_groups=True)
         except ValueError as err:
             raise ValueError(
                 f"unsupported codec or bit width in {spec!r} ({err}); accepted: {accepted_forms()}"
@@ -97,7 +113,8 @@ class QuantSpec:
             key, raw = opt.groups()
             if raw == "none" and key not in ("g", "kg"):
                 raise ValueError(f"option {option!r} needs a number; accepted: {accepted_forms()}")
-            result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)})
+            explicit = {"adapt_groups": False} if key in ("g", "kg") else {}
+            result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)}, **explicit)
         return result
 
     def __str__(self) -> str:
@@ -114,6 +131,24 @@ class QuantSpec:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ValueError if a group size does not fit head_dim (4-bit groups must divide D/2 or equal D)."""
         self.build_codec().check_head_dim(head_dim)
+
+    def fit(self, head_dim: int) -> QuantSpec:
+        """This spec for a model of `head_dim`: default groups (adapt_groups) shrink to the largest power of two that
+        fits (one group if none does), so head_dim 64 and 128 keep the defaults; explicit groups that do not fit raise
+        a ValueError naming the nearest valid spec string."""
+        fitted = replace(self, k_group_size=_fitting_group(head_dim, self.k_bits, self.k_group_size),
+                         group_size=_fitting_group(head_dim, self.v_bits, self.group_size), adapt_groups=False)
+        if self.adapt_groups:
+            fitted.check_head_dim(head_dim)
+            return fitted
+        try:
+            self.check_head_dim(head_dim)
+        except ValueError as err:
+            raise ValueError(
+                f"quantization spec {str(self)!r} does not fit this model's head_dim={head_dim}: {err}; the nearest "
+                f"valid spec is {str(fitted)!r} (or leave the group sizes out to let kvpress pick them)"
+            ) from None
+        return self
 
     def bytes_per_token_head(self, head_dim: int) -> int:
         """Bytes one quantized token uses per kv-head (the codec's count: codes plus scales and zeros)."""
