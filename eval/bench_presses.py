@@ -17,6 +17,7 @@ import json
 import shlex
 import statistics
 import sys
+import time
 import traceback
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,9 @@ from tqdm.auto import tqdm
 import kvpress
 from kvpress.config import resolve_config
 from kvpress.eval.tasks.generator import DEFAULT_LENGTHS, TASKS, make_tasks, score
-from kvpress.runner import generate_with_report
+from kvpress.hf_compat import cache_kwargs
+from kvpress.pipeline import compressed_context, split_prompt
+from kvpress.runner import GenerationReport, generate_with_report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_TAG = "smollm2"
@@ -46,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES),
                         help=f"press specs such as snapkv:0.5; '{FULL}' = no press")
     parser.add_argument("--quant", default=None, help="quantization for every config, e.g. int8-int4")
+    parser.add_argument("--protocol", choices=("aware", "agnostic"), default="aware",
+                        help="aware: generate with the question inside the prompt (the press sees it); agnostic: "
+                             "prefill the context, compress it (cache.compress(model)), then ask the question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--presses has duplicates")
     if args.tag is None:
         args.tag = DEFAULT_TAG if args.quant is None else f"{DEFAULT_TAG}_{args.quant}"
+        if args.protocol == "agnostic":
+            args.tag += "_agnostic"
     return args
 
 
@@ -91,11 +99,14 @@ def run_key(record: dict) -> tuple:
 def run_one(model, tok, sample: dict, spec: str, args: argparse.Namespace) -> dict:
     """Answer one sample with one press config; failures are recorded (with the error) instead of raised."""
     record = {"press": spec, "quant": args.quant, "length": sample["target_tokens"], "task": sample["task"],
-              "index": sample["index"], "answers": sample["answers"]}
+              "index": sample["index"], "answers": sample["answers"], "protocol": args.protocol}
     try:
-        report = generate_with_report(model, tok, sample["prompt"], press=press_arg(spec), quant=args.quant,
-                                      max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk_size,
-                                      show_progress=False)
+        if args.protocol == "agnostic":
+            report = answer_after_compression(model, tok, sample, spec, args)
+        else:
+            report = generate_with_report(model, tok, sample["prompt"], press=press_arg(spec), quant=args.quant,
+                                          max_new_tokens=args.max_new_tokens,
+                                          prefill_chunk_size=args.prefill_chunk_size, show_progress=False)
     except Exception as err:  # a press that crashes must not lose the other runs
         record.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=4))
         return record
@@ -108,6 +119,31 @@ def run_one(model, tok, sample: dict, spec: str, args: argparse.Namespace) -> di
         stored_tokens=stats["stored_tokens"], logical_tokens=stats["logical_tokens"],
     )
     return record
+
+
+@torch.inference_mode()
+def answer_after_compression(model, tok, sample: dict, spec: str, args: argparse.Namespace) -> GenerationReport:
+    """The query-agnostic protocol (as the kv-press-text-generation pipeline): prefill the chat prompt up to the
+    question, compress it before the question is seen, then generate from the question on that cache.
+    prefill_s includes the compression (KVzip's context replay)."""
+    prompt, question = sample["prompt"], sample["question"]
+    if not prompt.endswith(question):
+        raise ValueError("the agnostic protocol needs prompts that end with the question")
+    context_ids, (tail,) = split_prompt(tok, prompt[: -len(question)].removesuffix("\n\n"), [question])
+    cfg = resolve_config(press=press_arg(spec), quant=args.quant)
+    start = time.perf_counter()
+    cache = compressed_context(model, context_ids.to(model.device), press=cfg.press, quant=cfg.quant,
+                               prefill_chunk_size=args.prefill_chunk_size)
+    mid = time.perf_counter()
+    ids = torch.cat([context_ids, tail], dim=1).to(model.device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                         max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+    end = time.perf_counter()
+    new = out[0, ids.shape[1]:]
+    return GenerationReport(answer=tok.decode(new, skip_special_tokens=True).strip(), prompt_tokens=ids.shape[1],
+                            new_tokens=int(new.shape[0]), prefill_s=mid - start, decode_s=end - mid,
+                            stats=cache.stats())
 
 
 def aggregate(records: list[dict], presses: list[str], tasks: list[str], lengths: list[int]) -> list[dict]:
@@ -152,7 +188,9 @@ def markdown(rows: list[dict], tasks: list[str], command: str, args: argparse.Na
         command,
         "```",
         "",
-        f"{args.n} samples per task and length, greedy, {args.max_new_tokens} new tokens, quant={args.quant}. "
+        f"{args.n} samples per task and length, greedy, {args.max_new_tokens} new tokens, quant={args.quant}, "
+        f"protocol={getattr(args, 'protocol', 'aware')} (aware: the question is in the prompt the press sees; "
+        "agnostic: the context is compressed before the question is seen). "
         "Accuracy = share of expected answers found in the output. KV MiB = bytes the KVPressCache really holds "
         "after generation; vs fp16 = that / what a 16-bit DynamicCache holds for the same tokens. "
         "Δ full = mean paired accuracy difference with the full cache on the same samples (points).",

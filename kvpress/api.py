@@ -118,6 +118,7 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
             prompt = kwargs.get("input_ids", args[0] if args else None)
             if isinstance(prompt, torch.Tensor):  # compress after the prompt, even if its last prefill chunk is 1 token
                 cache.expect_prompt(prompt.shape[-1])
+                cache.record_prompt_ids(prompt)  # a press that replays the context (KVzip) reads its ids
         out = original(*args, **cache_kwargs(model, cache), **kwargs)
         state["last_stats"] = cache.stats() if isinstance(cache, KVPressCache) else None
         return out

@@ -203,6 +203,12 @@ class KVPressLayer(CacheLayerMixin):
         """What the press observed on this layer (made and updated by the press; read-only here)."""
         return self._state
 
+    def stored_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Read-only: full-precision K, V (B, H, T, D) of every stored token in logical order (dequantized when
+        quantized; views when not) and the (B, T) attended-token mask (presses that replay the context: KVzip)."""
+        keys, values = self.kv.dequantized(self.head_dim, self.dtype)
+        return keys, values, self.valid_mask()
+
     def compress(self) -> None:
         """Score every stored token and keep each row's budget (same count per head); frees the evicted memory.
 
@@ -411,6 +417,12 @@ class KVPressCache(Cache):
         self._last_layer: KVPressLayer | None = None
         self.prompt_length: int | None = None  # positions of the prompt, when known (expect_prompt)
         self._model: weakref.ref | None = None  # the model whose generate uses this cache (attach_model)
+        self.prompt_ids: torch.Tensor | None = None  # (B, T) token ids of the stored prompt, left padding included
+
+    def record_prompt_ids(self, input_ids: torch.Tensor) -> None:
+        """Remember the prompt's token ids (B, T), left padding included, for presses that replay the context when
+        they compress (KVzip); wrap's generate and the kv-press pipeline call it."""
+        self.prompt_ids = input_ids
 
     def attach_model(self, model) -> None:
         """Remember (weakly) the model that runs on this cache, so that the compression at the first decode step can

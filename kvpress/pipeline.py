@@ -53,10 +53,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             wrap(self.model)
         device = self.model.device
         context_ids = inputs["context_ids"].to(device)
-        cache = KVPressCache(self.model.config, press=config.press, quant=config.quant)
-        with torch.inference_mode():
-            self.model(input_ids=context_ids, **cache_kwargs(self.model, cache), use_cache=True)  # the one context prefill
-        cache.compress(model=self.model)  # the question is not seen by the press
+        cache = compressed_context(self.model, context_ids, press=config.press, quant=config.quant)
         answers = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for tail in inputs["question_ids"]:
@@ -72,6 +69,22 @@ class KVPressTextGenerationPipeline(Pipeline):
             {"question": q, "answer": self.tokenizer.decode(a, skip_special_tokens=True).strip(), "kv": outputs["stats"]}
             for q, a in zip(outputs["questions"], outputs["answers"])
         ]
+
+
+@torch.inference_mode()
+def compressed_context(model, context_ids: torch.Tensor, press: Any = None, quant: Any = None,
+                       prefill_chunk_size: int | None = None) -> KVPressCache:
+    """Prefill `context_ids` (B, T) into a fresh KVPressCache and compress it before any question is seen (the
+    query-agnostic protocol); `model` must be wrapped. A press that replays the context (KVzip) reads the recorded
+    ids. `prefill_chunk_size`: prefill in chunks of that many tokens (None: one forward)."""
+    cache = KVPressCache(model.config, press=press, quant=quant)
+    cache.record_prompt_ids(context_ids)
+    cache.expect_prompt(context_ids.shape[1])  # a 1-token last chunk is still prompt
+    step = prefill_chunk_size or context_ids.shape[1]
+    for start in range(0, context_ids.shape[1], step):
+        model(input_ids=context_ids[:, start:start + step], **cache_kwargs(model, cache), use_cache=True)
+    cache.compress(model=model)
+    return cache
 
 
 def split_prompt(tokenizer, context: str, questions: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,8 +1,8 @@
 """Tests of the press registry and the spec-string parser."""
 import pytest
 
-from kvpress.presses import (PRESSES, H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress, TOVAPress,
-                             parse_press)
+from kvpress.presses import (PRESSES, ExpectedAttentionPress, H2OPress, KnormPress, KVzipPress, RandomPress,
+                             SnapKVPress, StreamingLLMPress, TOVAPress, parse_press)
 
 
 def test_registry_names() -> None:
@@ -13,6 +13,8 @@ def test_registry_names() -> None:
         "knorm": KnormPress,
         "random": RandomPress,
         "tova": TOVAPress,
+        "kvzip": KVzipPress,
+        "expected": ExpectedAttentionPress,
     }
 
 

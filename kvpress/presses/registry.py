@@ -4,8 +4,10 @@ import types
 import typing
 
 from kvpress.presses.base import BasePress
+from kvpress.presses.expected import ExpectedAttentionPress
 from kvpress.presses.h2o import H2OPress
 from kvpress.presses.knorm import KnormPress
+from kvpress.presses.kvzip import KVzipPress
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.snapkv import SnapKVPress
 from kvpress.presses.streaming import StreamingLLMPress
@@ -18,6 +20,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "knorm": KnormPress,
     "random": RandomPress,
     "tova": TOVAPress,
+    "kvzip": KVzipPress,
+    "expected": ExpectedAttentionPress,
 }
 
 SPEC_FORMAT = "NAME[:RATIO[:key=value,key=value]]  (e.g. 'snapkv:0.5' or 'h2o:0.5:max_tokens=512,recent=64')"
