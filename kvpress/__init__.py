@@ -13,14 +13,25 @@ from .paged.prefix_cache import PrefixCache
 from .paged_cache import PagedKVCache
 from .batching import generate_many
 from .pipeline import KVPressTextGenerationPipeline, register_pipeline as _register_pipeline
-from .presses import H2OPress, KnormPress, RandomPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from .presses import (
+    ExpectedAttentionPress,
+    H2OPress,
+    KnormPress,
+    KVzipPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
 from .quant import QuantSpec
 
 _register_attention()
 _register_pipeline()
 
 __all__ = [
+    "ExpectedAttentionPress",
     "H2OCache",
+    "KVzipPress",
     "H2OPress",
     "QuantizedKVCache",
     "SnapKVCache",
