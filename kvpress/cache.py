@@ -30,16 +30,18 @@ class KVPressLayer(CacheLayerMixin):
     `kv.length` counts the tokens actually held (<= logical after eviction or sliding), in logical order;
     rows attend to stored tokens `[kv_start[b], kv.length)` (earlier ones are padding or filler slots that keep
     storage rectangular); `n_pad[b]` is the number of padding tokens row b was given; the press's state
-    (`press_state`, made by the press) follows the stored tokens through its hooks.
+    (`press_state`, made by the press) follows the stored tokens through its hooks; `layer_idx` of `n_layers`
+    places the layer among the cache's pressed layers (per-layer budgets: BasePress.layer_budget).
     """
 
     is_compileable = False
     is_croppable = True
 
     def __init__(self, press: Any = None, quant: Any = None, sliding_window: int | None = None,
-                 compress_every_chunk: bool = False) -> None:
+                 compress_every_chunk: bool = False, layer_idx: int = 0, n_layers: int = 1) -> None:
         super().__init__()
         self.press = press
+        self.layer_idx, self.n_layers = layer_idx, n_layers
         self._state: PressState | None = press.new_state() if press is not None else None
         self.compress_every_chunk = compress_every_chunk
         self.needs_compression = False  # the press observed tokens it has not compressed yet
@@ -140,9 +142,14 @@ class KVPressLayer(CacheLayerMixin):
         return True
 
     def before_decode(self) -> None:
-        """Decode-time eviction: before the next token is stored, drop the tokens the press's state chooses from
-        the quantized middle (or the only segment), so that segments stay rectangular (bounded presses: H2O)."""
+        """Decode-time eviction: before the next token is stored, either re-compress through the press's score
+        (`press.every`: once the layer holds `every` tokens more than its budget), or drop the tokens the press's
+        state chooses from the quantized middle (or the only segment), so that segments stay rectangular (H2O)."""
         if self._state is None:
+            return
+        if self.press.every is not None:
+            if self.kv.length - max(self._row_budgets()) >= self.press.every:
+                self.compress()
             return
         kv = self.kv
         start = kv.sink.length if kv.sink is not None else 0
@@ -179,6 +186,9 @@ class KVPressLayer(CacheLayerMixin):
             self._observe_prefill(query, sm_scale)
             if self.compress_every_chunk:
                 self.compress()
+        elif self.press is not None and self.press.every is not None:  # a decode step: re-scoring presses see it
+            self._sm_scale = sm_scale
+            self._state.observe_query(query)
         if self.is_sliding:
             self.slide()
 
@@ -215,10 +225,7 @@ class KVPressLayer(CacheLayerMixin):
         All or nothing: if scoring or selection raises, the layer is unchanged and still needs compression (the
         next decode step retries, and raises again, rather than silently keeping every token)."""
         press, kv = self.press, self.kv
-        batch = kv.batch_size
-        n_pad = self.n_pad.tolist() if self.n_pad is not None else [0] * batch
-        start = self.kv_start.tolist() if self.kv_start is not None else [0] * batch
-        budgets = row_budgets(press, self.logical_length, kv.length, n_pad, start)
+        budgets = self._row_budgets()
         n_keep = max(budgets)
         if n_keep < kv.length:
             k_all, v_all = kv.dequantized(self.head_dim, self.dtype)
@@ -231,6 +238,14 @@ class KVPressLayer(CacheLayerMixin):
             self._refresh_views()
         self._state.compressed()
         self.needs_compression = False
+
+    def _row_budgets(self) -> list[int]:
+        """Tokens each row keeps at a compression now (compress.row_budgets for this layer's place)."""
+        batch = self.kv.batch_size
+        n_pad = self.n_pad.tolist() if self.n_pad is not None else [0] * batch
+        start = self.kv_start.tolist() if self.kv_start is not None else [0] * batch
+        return row_budgets(self.press, self.logical_length, self.kv.length, n_pad, start, self.layer_idx,
+                           self.n_layers)
 
     def _observe_prefill(self, query: torch.Tensor, sm_scale: float) -> None:
         """The press's state observes the chunk just stored (its queries are the last query.shape[2] positions)."""
@@ -406,13 +421,16 @@ class KVPressCache(Cache):
         check_text_config(text_config, self.kv_config)
         layer_types, layer_kwargs = layer_types_and_kwargs(text_config)
         self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        windows = [kwargs.get("sliding_window") if layer_type != "full_attention" else None
+                   for layer_type, kwargs in zip(layer_types, layer_kwargs)]
+        n_pressed = sum(1 for window in windows if not window)  # per-layer budgets share over these layers
         layers = []
-        for layer_type, kwargs in zip(layer_types, layer_kwargs):
-            window = kwargs.get("sliding_window") if layer_type != "full_attention" else None
+        for window in windows:
             if window:
                 layers.append(KVPressLayer(sliding_window=window))
             else:
-                layers.append(KVPressLayer(press=press, quant=quant, compress_every_chunk=compress_every_chunk))
+                layers.append(KVPressLayer(press=press, quant=quant, compress_every_chunk=compress_every_chunk,
+                                           layer_idx=sum(not made.is_sliding for made in layers), n_layers=n_pressed))
         super().__init__(layers=layers)
         self._last_layer: KVPressLayer | None = None
         self.prompt_length: int | None = None  # positions of the prompt, when known (expect_prompt)

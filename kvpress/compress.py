@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def row_budgets(press, logical_length: int, stored: int, n_pad: list[int], kv_start: list[int]) -> list[int]:
-    """Tokens to keep per row: the press budget of the row's real logical length (logical_length - n_pad[b]), so
-    batch rows match batch 1, and at most the row's attended stored tokens (stored - kv_start[b])."""
-    return [min(stored - start, press.n_keep(logical_length - pad)) for pad, start in zip(n_pad, kv_start)]
+def row_budgets(press, logical_length: int, stored: int, n_pad: list[int], kv_start: list[int],
+                layer_idx: int = 0, n_layers: int = 1) -> list[int]:
+    """Tokens to keep per row: the press's budget for layer `layer_idx` of `n_layers` pressed layers
+    (press.layer_budget) of the row's real logical length (logical_length - n_pad[b]), so batch rows match batch 1,
+    and at most the row's attended stored tokens (stored - kv_start[b])."""
+    return [min(stored - start, press.layer_budget(logical_length - pad, layer_idx, n_layers))
+            for pad, start in zip(n_pad, kv_start)]
 
 
 def select_with_fillers(press, scores: torch.Tensor, valid: torch.Tensor, budgets: list[int],

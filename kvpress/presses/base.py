@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvpress.presses.layer_budgets import LAYER_SCHEDULES, pyramid_shares
 from kvpress.presses.state import PressState, ScoringInputs
 from kvpress.presses.validation import check_non_negative_int, check_per_token_scores, check_valid_mask
 
@@ -63,15 +64,25 @@ class BasePress(ABC):
 
     compression_ratio is the fraction of stored tokens REMOVED at prefill (0.0 keeps all); max_tokens optionally caps
     the tokens kept per head; the first n_sink real tokens and the last `recent` tokens are always kept.
+    `layers`: "uniform" (every layer keeps n_keep) or "pyramid" (the same total over the pressed layers, shared out
+    linearly decreasing with depth as in PyramidKV; see layer_budget). `every`: with max_tokens, also bound the cache
+    while decoding: a layer re-scores its stored tokens with this press's score and keeps its budget again as soon as
+    it holds `every` tokens more than the budget, so it never holds more than max_tokens + every tokens.
     """
 
     compression_ratio: float = 0.0
     max_tokens: int | None = None
     n_sink: int = 0
     recent: int = 0
+    layers: str = "uniform"
+    every: int | None = None
 
     needs_attention_mass: ClassVar[bool] = False
     """True when score() needs the accumulated attention mass (the cache must then compute it during prefill)."""
+
+    rescores_while_decoding: ClassVar[bool] = True
+    """False when score() cannot be recomputed by a layer during decoding (e.g. it needs the model): `every` is
+    then refused at construction."""
 
     def __post_init__(self) -> None:
         """Validate the budget fields so that a bad configuration fails at construction time."""
@@ -92,6 +103,24 @@ class BasePress(ABC):
                     f"(n_sink={self.n_sink}, recent={self.recent}); got {self.max_tokens!r}. "
                     f"Raise max_tokens or lower n_sink/recent."
                 )
+        self._check_layer_options(name)
+
+    def _check_layer_options(self, name: str) -> None:
+        """Validate `layers` and `every` (every needs max_tokens and a score a layer can recompute while decoding)."""
+        if self.layers not in LAYER_SCHEDULES:
+            raise ValueError(f"{name}: layers must be one of {LAYER_SCHEDULES}; got {self.layers!r}")
+        if self.every is None:
+            return
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"{name}: every (decode steps between re-scorings) must be a positive integer; "
+                             f"got {self.every!r}")
+        if self.max_tokens is None:
+            raise ValueError(f"{name}: every={self.every} bounds the cache while decoding at max_tokens; set "
+                             "max_tokens too (e.g. 'snapkv:0.5:max_tokens=2048,every=64').")
+        if not self.rescores_while_decoding:
+            raise ValueError(f"{name} cannot re-score while decoding (its score needs the model, not only the "
+                             f"layer's stored tokens), so every={self.every} is not supported; use max_tokens "
+                             "alone (prompt compression only) or another press.")
 
     @property
     def query_window(self) -> int:
@@ -110,6 +139,20 @@ class BasePress(ABC):
         if self.max_tokens is not None:
             keep = min(keep, self.max_tokens)
         return max(keep, min(n_tokens, self.n_sink + self.recent))
+
+    def layer_budget(self, n_tokens: int, layer_idx: int, n_layers: int) -> int:
+        """Tokens layer `layer_idx` of `n_layers` pressed layers keeps of n_tokens: n_keep(n_tokens) when uniform.
+        Pyramid: the layers' total n_layers * n_keep(n_tokens) (max_tokens then caps the mean per layer, not each
+        layer) minus the forced sinks + recent of every layer is shared out linearly decreasing with depth
+        (layer_budgets.pyramid_shares); each layer keeps sinks + recent + its share, at most n_tokens."""
+        keep = self.n_keep(n_tokens)
+        if self.layers == "uniform" or n_layers <= 1:
+            return keep
+        if not 0 <= layer_idx < n_layers:
+            raise ValueError(f"layer_idx must be in [0, {n_layers}); got {layer_idx!r}")
+        forced = min(n_tokens, self.n_sink + self.recent)
+        shares = pyramid_shares((keep - forced) * n_layers, n_layers, n_tokens - forced)
+        return forced + shares[layer_idx]
 
     @abstractmethod
     def score(self, inputs: ScoringInputs) -> torch.Tensor:

@@ -48,10 +48,16 @@ def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.
 
 class QueryStatistics(PressState):
     """The last `window` prompt queries (post-RoPE), their positions and validity, and the future-query mean and
-    covariance computed from them when the cache prepares the compression."""
+    covariance computed from them when the cache prepares the compression.
 
-    def __init__(self, window: int) -> None:
+    `keep=True` (re-scoring while decoding, `every`): the window survives compressions and takes the decode steps'
+    queries too; each re-scoring recomputes the statistics with the RoPE the cache last handed over (prepare)."""
+
+    def __init__(self, window: int, keep: bool = False) -> None:
         self.window = window
+        self.keep = keep
+        self.rotary: Any = None  # the model's RoPE from the last prepare (re-used by decode-time re-scoring)
+        self.n_future = 0
         self.queries: torch.Tensor | None = None  # (B, Hq, <= window, D)
         self.positions: torch.Tensor | None = None  # (B, <= window) int64 positions of those queries
         self.real: torch.Tensor | None = None  # (B, <= window) bool: not padding
@@ -69,9 +75,19 @@ class QueryStatistics(PressState):
         pads = (~real).sum(dim=1)
         self.n_pad = pads if self.n_pad is None else self.n_pad + pads
         positions = torch.arange(self.seen - n_q, self.seen, device=real.device)[None] - self.n_pad[:, None]
+        self._push(chunk.queries, positions.clamp_min(0), real)
+
+    def observe_query(self, query: torch.Tensor) -> None:
+        if self.queries is None or self.n_pad is None:
+            return
+        positions = (self.seen - 1 - self.n_pad)[:, None].to(self.positions.dtype)
+        self._push(query, positions, torch.ones_like(positions, dtype=torch.bool))
+
+    def _push(self, queries: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> None:
+        """Append queries (B, Hq, Q, D) with their positions and validity (B, Q); keep the last `window`."""
         cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=-2 if new.dim() == 4 else -1))
-        self.queries = cat(self.queries, chunk.queries)[:, :, -self.window:]
-        self.positions = cat(self.positions, positions.clamp_min(0))[:, -self.window:]
+        self.queries = cat(self.queries, queries)[:, :, -self.window:]
+        self.positions = cat(self.positions, positions)[:, -self.window:]
         self.real = cat(self.real, real)[:, -self.window:]
 
     def index_batch(self, rows: torch.Tensor) -> None:
@@ -87,6 +103,7 @@ class QueryStatistics(PressState):
         """Future-query mean and covariance: un-rotate the window's queries with `rotary(x, position_ids) -> (cos,
         sin)` (the model's RoPE), take their mean/covariance, and apply the mean RoPE rotation of the next n_future
         positions. rotary None: statistics of the post-RoPE queries as they are (no position shift)."""
+        self.rotary, self.n_future = rotary, n_future
         if self.queries is None:
             return
         queries = self.queries.float()
@@ -109,12 +126,14 @@ class QueryStatistics(PressState):
         self.mean, self.cov = mean, cov
 
     def scoring_inputs(self, keys, values, valid, sm_scale) -> ScoringInputs:
-        if self.mean is None:  # compressed without prepare_compression (compress_every_chunk): no position shift
-            self.prepare(None, 0)
+        if self.mean is None:  # not prepared since the last compression: compress_every_chunk (no RoPE, no position
+            self.prepare(self.rotary, self.n_future)  # shift) or a decode-time re-scoring (the RoPE of the last prepare)
         return ExpectedInputs(keys, values, valid, sm_scale, mean=self.mean, cov=self.cov)
 
     def compressed(self) -> None:
-        self.queries = self.positions = self.real = self.mean = self.cov = None
+        self.mean = self.cov = None
+        if not self.keep:
+            self.queries = self.positions = self.real = None
 
 
 @dataclass
@@ -157,7 +176,7 @@ class ExpectedAttentionPress(BasePress):
 
     def new_state(self) -> QueryStatistics:
         """Each layer keeps its last `window` prompt queries and their positions."""
-        return QueryStatistics(self.window)
+        return QueryStatistics(self.window, keep=self.every is not None)
 
     def prepare_compression(self, cache: Any, model: Any) -> None:
         """Turn every layer's window into future-query statistics with the model's RoPE."""

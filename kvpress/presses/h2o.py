@@ -54,9 +54,11 @@ class AttentionMass(PressState):
         return ScoringInputs(keys, values, valid, sm_scale, attention_mass=self.mass)
 
     def decode_victims(self, span: EvictionSpan) -> torch.Tensor | None:
-        """With max_tokens: make room for the next token by evicting the lowest-mass tokens of the span (never the
-        first n_sink real tokens nor the last `recent`)."""
+        """With max_tokens (and no `every`): make room for the next token by evicting the lowest-mass tokens of the
+        span (never the first n_sink real tokens nor the last `recent`)."""
         press = self.press
+        if press.every is not None:  # re-scored every `every` steps by the layer instead (BasePress.every)
+            return None
         if press.max_tokens is None or span.stored < press.max_tokens or self.mass is None:
             return None
         n_main = span.stop - span.start

@@ -3,7 +3,7 @@ context. Query-agnostic: a context compressed once serves any later question."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,8 @@ class KVzipPress(BasePress):
 
     chunk_size: int = 512
     prompt_ids: tuple[int, ...] = ()
+
+    rescores_while_decoding: ClassVar[bool] = False  # the replay needs the model and the context's token ids
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:

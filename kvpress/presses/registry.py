@@ -24,7 +24,8 @@ PRESSES: dict[str, type[BasePress]] = {
     "expected": ExpectedAttentionPress,
 }
 
-SPEC_FORMAT = "NAME[:RATIO[:key=value,key=value]]  (e.g. 'snapkv:0.5' or 'h2o:0.5:max_tokens=512,recent=64')"
+SPEC_FORMAT = ("NAME[:RATIO[:key=value,key=value]]  (e.g. 'snapkv:0.5', 'h2o:0.5:max_tokens=512,recent=64', "
+               "'snapkv:0.5:layers=pyramid' or 'snapkv:0.5:max_tokens=2048,every=64')")
 
 
 def _spec_error(spec: str, problem: str) -> ValueError:
@@ -33,11 +34,13 @@ def _spec_error(spec: str, problem: str) -> ValueError:
 
 
 def _convert(spec: str, field_name: str, text: str, hint: object) -> object:
-    """Convert the text of one key=value pair to the field's annotated type (int, float, or either | None)."""
+    """Convert the text of one key=value pair to the field's annotated type (int, float, str, or one | None)."""
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     allowed = set(typing.get_args(hint)) if is_union else {hint}
     if type(None) in allowed and text.lower() == "none":
         return None
+    if str in allowed:
+        return text
     try:
         if int in allowed:
             return int(text)

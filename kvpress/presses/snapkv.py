@@ -58,8 +58,8 @@ class SnapKVPress(BasePress):
         return self.window_size
 
     def new_state(self) -> QueryWindow:
-        """Each layer keeps the last window_size prompt queries it saw."""
-        return QueryWindow(self.window_size)
+        """Each layer keeps the last window_size prompt queries it saw (and, with `every`, the decode queries)."""
+        return QueryWindow(self.window_size, keep=self.every is not None)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Pooled mean window attention (B, Hkv, T) float32; queries (B, Hq, W, D) must be the last W prompt queries

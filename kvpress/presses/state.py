@@ -71,6 +71,11 @@ class PressState:
         """A decode step's float32 logits (B, Hq, T) in the log2 domain and lse (B, Hq) (natural log) over every
         stored token (columns before kv_start[b] are padding and were not written)."""
 
+    def observe_query(self, query: torch.Tensor) -> None:
+        """A decode step's query (B, Hq, 1, D) after RoPE; its token was just stored (the last stored one). Only
+        presses that re-score while decoding (`every`) get it: e.g. SnapKV's window then slides over generated
+        tokens."""
+
     def appended(self, n_tokens: int) -> None:
         """n_tokens were stored after the existing ones."""
 
@@ -104,14 +109,22 @@ class PressState:
 
 
 class QueryWindow(PressState):
-    """The last `window` prompt queries a press scores with (SnapKV: its observation window; TOVA: the last query)."""
+    """The last `window` prompt queries a press scores with (SnapKV: its observation window; TOVA: the last query).
 
-    def __init__(self, window: int) -> None:
+    `keep=True` (presses that re-score while decoding, `every`): the window survives compressions and slides over
+    the decode steps' queries too, so every re-scoring is judged by the last `window` queries, the last one at the
+    last stored position (SnapKV keeps its window's tokens: recent >= window_size). Costs window x Hq x D per layer,
+    counted in stats()."""
+
+    def __init__(self, window: int, keep: bool = False) -> None:
         self.window = window
+        self.keep = keep
         self.queries: torch.Tensor | None = None  # (B, Hq, <= window, D)
 
     def observe_prefill(self, chunk: PrefillChunk) -> None:
-        query = chunk.queries
+        self.observe_query(chunk.queries)
+
+    def observe_query(self, query: torch.Tensor) -> None:
         recent = query if self.queries is None else torch.cat([self.queries, query], dim=2)
         self.queries = recent[:, :, -self.window :]
 
@@ -126,7 +139,8 @@ class QueryWindow(PressState):
         return ScoringInputs(keys, values, valid, sm_scale, queries=self.queries)
 
     def compressed(self) -> None:
-        self.queries = None  # the next compression (compress_every_chunk) is judged by the queries seen after it
+        if not self.keep:  # the next compression (compress_every_chunk) is judged by the queries seen after it
+            self.queries = None
 
     def take_rows(self, rows: list[PressState]) -> None:
         """Each row's last queries, right-aligned and left-padded with zeros where a row observed fewer (padding

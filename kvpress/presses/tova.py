@@ -20,8 +20,8 @@ class TOVAPress(BasePress):
         return 1
 
     def new_state(self) -> QueryWindow:
-        """Each layer keeps the last prompt query it saw."""
-        return QueryWindow(1)
+        """Each layer keeps the last prompt query it saw (with `every`: the last decode query too)."""
+        return QueryWindow(1, keep=self.every is not None)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         """Mean over the group's query heads of the last query's attention probabilities (B, Hkv, T) float32;
