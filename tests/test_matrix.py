@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -47,6 +48,12 @@ QUANTS = (None, "int8-int4", "int4")
 TOLERANCE = {(torch.float32, False): 2e-3, (torch.bfloat16, False): 0.15,
              (torch.float32, True): 0.05, (torch.bfloat16, True): 0.25}
 SELECTION_TOLERANCE = 0.25  # seed 0 case 369: knorm:0.75 keeps another of two tokens whose key norms tie to ~1e-7
+# (press, arch) whose scores tie within rounding by construction: knorm ranks keys by L2 norm, and these tiny models
+# normalise keys (k_norm, unit weights at init) before RoPE, so every key norm is sqrt(head_dim) = 4 up to eps: a row's
+# scores span ~2e-4 (~1000 float32 steps of 2.4e-7) and rounding-different keys (batched vs alone: other chunk
+# boundaries) swap two tokens at the budget's edge (seed 7 case 467: scores -0x1.fffcfap+1 for both tokens 2 and 16
+# alone, 2 ulps apart batched). Their rows compare to batch 1 with selection_flips (step 0 stays strict).
+DEGENERATE_SCORES = {("knorm", "gemma3"), ("knorm", "qwen3")}
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,8 @@ def run_case(case: Case) -> None:
                 ref = type(single)(sequences=torch.cat([ids[row:row + 1, :pad], single.sequences], dim=1),
                                    logits=tuple(step for step in single.logits))
                 row_out = type(out)(sequences=out.sequences[row:row + 1], logits=tuple(s[row:row + 1] for s in out.logits))
-                assert_same_output(case, ref, row_out, f"row {row} batched vs alone")
+                assert_same_output(case, ref, row_out, f"row {row} batched vs alone",
+                                   selection_flips=(case.press.split(":")[0], case.arch) in DEGENERATE_SCORES)
 
         # 4. prefix cache: same output as without, cold then warm; pool invariants, no leaks
         if case.prefix:
@@ -254,6 +262,36 @@ def run_case(case: Case) -> None:
 @pytest.mark.parametrize("case_id", range(N_CASES), ids=[f"case_{i}-" for i in range(N_CASES)])
 def test_matrix_case(case_id):
     run_case(draw(case_id))
+
+
+@pytest.mark.parametrize("seed, case_id", [(7, 467), (0, 369)])
+def test_pinned_degenerate_score_cases(monkeypatch, seed, case_id):
+    """Soak failures replayed in CI: knorm on a k-normed model (DEGENERATE_SCORES) keeps another of two tokens whose
+    scores tie to an ulp; every invariant still holds with that explicit allowance."""
+    monkeypatch.setattr(sys.modules[__name__], "SEED", seed)
+    case = draw(case_id)
+    assert (case.press.split(":")[0], case.arch) in DEGENERATE_SCORES, case
+    run_case(case)
+
+
+@pytest.mark.parametrize("arch, degenerate", [("gemma3", True), ("qwen3", True), ("llama", False)])
+def test_degenerate_scores_are_the_k_normed_models(arch, degenerate):
+    """DEGENERATE_SCORES stays justified: on the k-normed tiny models every stored key's L2 norm is sqrt(head_dim)
+    to 1e-3 (knorm's scores tie within rounding), on the others norms spread widely."""
+    model = _model(arch, torch.float32)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = kvpress.KVPressCache(model.config)
+    try:
+        kvpress.wrap(model)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+    finally:
+        kvpress.unwrap(model)
+    layer = next(layer for layer in cache.layers if not layer.is_sliding)
+    norms = torch.linalg.vector_norm(layer.stored_kv()[0].float(), dim=-1)
+    spread = (norms.max() - norms.min()).item()
+    assert (spread < 1e-3) == degenerate, (arch, spread)
+    assert (("knorm", arch) in DEGENERATE_SCORES) == degenerate
 
 
 @pytest.mark.parametrize("press", ["streaming:0.25", "knorm:0.5", "tova:0.25", "snapkv:0.5:window_size=8"])
