@@ -51,11 +51,17 @@ KVPRESS_CONFIGS: dict[str, str | None] = {
     "int8": "int8",
     "int4": "int4",
 }
+# Low-bit layouts (issue 16): 2-bit codes, with / without the Hadamard rotation of keys, values or both.
+LOW_BIT_CONFIGS = ("int4-int2", "int4-int2:rotnone", "int4-int2:rotk", "int4-int2:rotv", "int2-int2",
+                   "int2-int2:rotnone", "int4:rotkv", "int8-int4:rotv", "int4-int2:r32", "int2-int2:r32")
+KVPRESS_CONFIGS.update({name: name for name in LOW_BIT_CONFIGS})
+# Issue 16's targets: spec -> (max bytes held / 16-bit, max KL, min top-1 agreement or None).
+LOW_BIT_TARGETS = {"int4-int2": (0.25, 0.005, 0.97), "int2-int2": (0.20, 0.02, None)}
 # Extra specs for `--configs` (not run by default): how much the fp window and the sinks each buy.
 SWEEP_CONFIGS = ("int8-int4:r0:s4", "int8-int4:r32:s4", "int8-int4:r64:s4", "int8-int4:r128:s0")
 KVPRESS_CONFIGS.update({name: name for name in SWEEP_CONFIGS})
 # Caches of transformers itself, run on the unwrapped model (sdpa attention).
-HF_CONFIGS = ("dynamic (sdpa)", "quanto int4")
+HF_CONFIGS = ("dynamic (sdpa)", "quanto int4", "quanto int2")  # quanto: q_group_size 64, residual 128
 THEORY_SPECS = ("int8-int4", "int8-int4:gnone", "int8-int4:kg32", "int8", "int4", "int4:gnone")
 TEXT_FRACTIONS = (0.1, 0.35, 0.6, 0.85)  # where in the list of paragraph starts each text begins
 
@@ -74,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--niah-new", type=int, default=32, help="max_new_tokens of each needle answer")
     parser.add_argument("--out", default="quant", help="output stem under eval/results/")
     parser.add_argument("--quick", action="store_true", help="1 text, 256 + 16 tokens, 1 needle sample")
+    parser.add_argument("--replot", action="store_true", help="only redraw <out>.png from an existing <out>.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.texts, args.prefix, args.cont, args.niah_n, args.agree_window = 1, 256, 16, 1, 8
@@ -83,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--prefix, --cont and --threads must be positive")
     known = [*KVPRESS_CONFIGS, *HF_CONFIGS]
     args.configs = args.configs or [c for c in known if c not in SWEEP_CONFIGS]
+    for name in args.configs:  # any other spec string QuantSpec parses is a kvpress config too
+        if name not in known:
+            try:
+                QuantSpec.parse(name)
+            except ValueError:
+                continue
+            KVPRESS_CONFIGS[name] = name
+            known.append(name)
     unknown = [c for c in args.configs if c not in known]
     if unknown:
         raise ValueError(f"unknown configs {unknown}; choose from {known}")
@@ -152,8 +167,8 @@ def make_cache(name: str, model):
         return kvpress.KVPressCache(model.config, quant=KVPRESS_CONFIGS[name])
     if name == "dynamic (sdpa)":
         return transformers.DynamicCache(config=model.config)
-    if name == "quanto int4":
-        return transformers.QuantizedCache(backend="quanto", config=model.config, nbits=4)
+    if name in ("quanto int4", "quanto int2"):
+        return transformers.QuantizedCache(backend="quanto", config=model.config, nbits=int(name[-1]))
     raise ValueError(name)
 
 
@@ -270,6 +285,35 @@ def summarize(rows: list[dict], window: int) -> dict[str, Any]:
     }
 
 
+def plot_kl_vs_bytes(report: dict[str, Any], path: Path) -> None:
+    """KL(full || config) against the bytes held / a 16-bit cache, one labelled point per config (log KL axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, conf in report["configs"].items():
+        summary = conf["summary"]
+        if name == REFERENCE or "error" in summary or name == "dynamic (sdpa)":
+            continue
+        kl, ratio = max(summary["kl_mean"], 1e-6), summary["ratio_fp16"]
+        rotated = name not in HF_CONFIGS and QuantSpec.parse(name).rotate != "none"  # 2-bit specs rotate by default
+        color = "tab:red" if name in HF_CONFIGS else ("tab:green" if rotated else "tab:blue")
+        ax.scatter(ratio, kl, color=color)
+        ax.annotate(name, (ratio, kl), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes held / 16-bit DynamicCache (same tokens)")
+    ax.set_ylabel("KL(full || config), nats per decoded token")
+    tokens = report["settings"]["prefix"] + report["settings"]["cont"]
+    ax.set_title(f"KV quantization frontier, SmolLM2-135M, ~{tokens} tokens (blue: kvpress, green: Hadamard-rotated, red: quanto)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --- theoretical vs measured bytes -------------------------------------------------------------------------------
 @torch.no_grad()
 def theory_table(tokens: int = 256) -> list[dict[str, Any]]:
@@ -354,7 +398,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{s['prefill_ratio_fp16']:.3f} | {s['decode_ms_mean']:.1f} |"
         )
     lines += ["", "Specs: " + ", ".join(f"`{n}` = `{c['spec']}`" for n, c in report["configs"].items()), ""]
-    lines += ["## Targets (int8-int4 default)", ""] + [f"- {t}" for t in report["targets"]] + [""]
+    lines += ["## Targets (int8-int4 default; int4-int2 and int2-int2 of issue 16)", ""] + [f"- {t}" for t in report["targets"]] + [""]
     if report.get("theory"):
         lines += ["## Bytes per token per kv-head: QuantSpec.bytes_per_token_head(D) vs measured", "",
                   "Tiny random Llama (2 layers, 1 kv-head), 256 tokens in one forward, residual 0 and no sinks, so "
@@ -391,12 +435,23 @@ def targets(configs: dict[str, Any]) -> list[str]:
     kl_ok = "MET" if s["kl_mean"] <= 0.003 else "NOT MET"
     held_ok = "MET" if s["ratio_fp16"] <= 0.5 else "NOT MET"
     live_ok = "would be met" if s["live_ratio_fp16"] <= 0.5 else "would not be met either"
-    return [
+    lines = [
         f"KL <= 0.003 nats: {kl_ok} (mean {s['kl_mean']:.5f}, worst single step {s['kl_max']:.4f}).",
         f"<= 0.5x the bytes of a 16-bit DynamicCache: {held_ok} for the bytes held ({s['ratio_fp16']:.3f}x after "
         f"decoding, {s['prefill_ratio_fp16']:.3f}x right after prefill); counting stored tokens only it "
         f"{live_ok} ({s['live_ratio_fp16']:.3f}x).",
     ]
+    for name, (max_ratio, max_kl, min_top1) in LOW_BIT_TARGETS.items():  # issue 16
+        s = configs.get(name, {}).get("summary", {})
+        if "kl_mean" not in s:
+            continue
+        checks = [("bytes held", s["ratio_fp16"] <= max_ratio, f"{s['ratio_fp16']:.3f}x <= {max_ratio}x"),
+                  ("KL", s["kl_mean"] <= max_kl, f"{s['kl_mean']:.5f} <= {max_kl}")]
+        if min_top1 is not None:
+            checks.append(("top-1", s["top1_agree"] >= min_top1, f"{100 * s['top1_agree']:.1f}% >= {100 * min_top1:.0f}%"))
+        lines.append(f"`{name}`: " + "; ".join(f"{label} {'MET' if ok else 'NOT MET'} ({text})"
+                                             for label, ok, text in checks) + ".")
+    return lines
 
 
 def notes(configs: dict[str, Any], theory: list[dict]) -> list[str]:
@@ -427,6 +482,10 @@ def notes(configs: dict[str, Any], theory: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads((RESULTS_DIR / f"{args.out}.json").read_text())
+        plot_kl_vs_bytes(report, RESULTS_DIR / f"{args.out}.png")
+        return 0
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -444,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in results.items():
         spec = str(QuantSpec.parse(KVPRESS_CONFIGS[name])) if KVPRESS_CONFIGS.get(name) else (
             "fp32 model dtype" if name in (REFERENCE, "dynamic (sdpa)") else
-            "transformers QuantizedCache(backend='quanto', nbits=4): q_group_size 64, residual 128")
+            f"transformers QuantizedCache(backend='quanto', nbits={name[-1]}): q_group_size 64, residual 128")
         configs[name] = {"spec": spec, "summary": summarize(rows, args.agree_window), "rows": rows}
     theory = theory_table()
     niah = needles(model, tok, args) if args.niah_n > 0 else None
@@ -462,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(report, indent=1))
     (RESULTS_DIR / f"{args.out}.md").write_text(markdown(report))
+    plot_kl_vs_bytes(report, RESULTS_DIR / f"{args.out}.png")
     print(markdown(report))
     return 0
 

@@ -21,8 +21,7 @@ def shared_codes_spec(prefix_cache: PrefixCache) -> QuantSpec | None:
 
 def same_codes(a: QuantSpec | None, b: QuantSpec | None) -> bool:
     """Whether two specs give every token the same codes (sinks and window size do not change a token's codes)."""
-    return a is not None and b is not None and (a.k_bits, a.v_bits, a.k_group_size, a.group_size) == (
-        b.k_bits, b.v_bits, b.k_group_size, b.group_size)
+    return a is not None and b is not None and a.build_codec() == b.build_codec()  # codecs compare by value
 
 
 class PagedKVCache(KVPressCache):

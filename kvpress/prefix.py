@@ -206,8 +206,9 @@ def _shared_codes(prefix_cache, layer_idx, hits, pads, slots, quant, device) -> 
               "v_scale": f["v_scale"], "v_zero": f["v_zero"]}
     starts = torch.tensor([max(lo - pad, 0) for pad in pads], dtype=torch.int32, device=device)
     ends = torch.maximum(torch.tensor([hi - pad for pad in pads], dtype=torch.int32, device=device), starts)
-    return SharedPrefix(fields, _block_tables(hits, device), starts, ends, (quant.k_bits, quant.v_bits),
-                        (quant.k_group_size, quant.group_size))
+    codec = quant.build_codec()
+    return SharedPrefix(fields, _block_tables(hits, device), starts, ends, (codec.k_bits, codec.v_bits),
+                        (codec.k_group, codec.v_group), rotations=codec.rotations(f["k"].shape[-1], device))
 
 
 def _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, shared_quant=None) -> None:

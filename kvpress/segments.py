@@ -98,10 +98,13 @@ class Segment:
                 cached = self._start_cache = (kv_start, kv_start._version, offset, kv_start - offset)
             start = cached[3]
         f = self.store.fields
+        width = f["v"].shape[-1]
+        k_rotation, v_rotation = self.codec.rotations(width if self.v_bits == 16 else width * 8 // self.v_bits,
+                                                      f["v"].device)
         return KVStore(k=f["k"], v=f["v"], block_table=self.store.block_table(), kv_start=start, kv_end=self.length,
                        k_bits=self.k_bits, v_bits=self.v_bits, k_scale=f.get("k_scale"), k_zero=f.get("k_zero"),
                        v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=self.k_group,
-                       v_group=self.v_group)  # fmt: skip
+                       v_group=self.v_group, k_rotation=k_rotation, v_rotation=v_rotation)  # fmt: skip
 
 
 class SegmentedKV:
@@ -262,14 +265,16 @@ class SharedPrefix:
     """Read-only pages of a shared prompt prefix (from a PrefixCache pool), attended in place through a block table.
 
     Row b sees prefix tokens [starts[b], ends[b]) of its pages, encoded as `fields` say (full precision "k"/"v", or
-    codes + scales + zeros with `bits`/`groups`); the pages stay owned by the PrefixCache (locked while in use), so
+    codes + scales + zeros with `bits`/`groups`, of tokens stored rotated by `rotations` (the codec's (Rk, Rv)));
+    the pages stay owned by the PrefixCache (locked while in use), so
     every request reading them shares one physical copy.
     """
 
     def __init__(self, fields: dict[str, torch.Tensor], block_table: torch.Tensor, starts: torch.Tensor,
                  ends: torch.Tensor, bits: tuple[int, int] = (16, 16),
-                 groups: tuple[int | None, int | None] = (None, None)) -> None:
-        self.fields, self.bits, self.groups = fields, bits, groups
+                 groups: tuple[int | None, int | None] = (None, None),
+                 rotations: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> None:
+        self.fields, self.bits, self.groups, self.rotations = fields, bits, groups, rotations
         self.block_table, self.starts, self.ends = (t.to(torch.int32) for t in (block_table, starts, ends))
 
     def kernel_store(self) -> KVStore:
@@ -278,7 +283,8 @@ class SharedPrefix:
         (k_bits, v_bits), (k_group, v_group) = self.bits, self.groups
         return KVStore(k=f["k"], v=f["v"], block_table=self.block_table, kv_start=self.starts, kv_end=self.ends,
                        k_bits=k_bits, v_bits=v_bits, k_scale=f.get("k_scale"), k_zero=f.get("k_zero"),
-                       v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=k_group, v_group=v_group)
+                       v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=k_group, v_group=v_group,
+                       k_rotation=self.rotations[0], v_rotation=self.rotations[1])
 
     def index_batch(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.block_table.device)

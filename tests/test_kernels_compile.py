@@ -16,7 +16,7 @@ from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 
 
 def _compile_for_sm90() -> None:
-    """Compile the multi-store kernel (one store and several) for a few store mixes and every addressing mode
+    """Compile the multi-store kernel (one store and several) for a few store mixes (8/4/2-bit codes) and every addressing mode
     (contiguous, 16-token pages, 12-token pages), with the logit output (+ the mass kernel) and the causal chunk
     mode (run as a script)."""
     from kvpress.kernels.compile_only import install_compile_only
@@ -49,6 +49,10 @@ def _compile_for_sm90() -> None:
         chunk = torch.randn(2, 2, 70, head_dim).to(dtype)  # extend: stored segments + the chunk itself, causal
         extend_attention_multi_triton(torch.randn(2, 8, 70, head_dim).to(dtype),
                                       (*stores[:3], chunk_store(chunk, chunk, torch.tensor([0, 5]))), 0.1, dtype)
+        low_bit = make_store([0, 0], [40, 33], 2, head_dim, 4, 2, head_dim, 32, torch.float32, None, 6, device="cpu")
+        decode_attention_multi_triton(q, (stores[0], low_bit, window), 0.1, out_dtype=dtype)  # int4-int2 middle
+        int2 = make_store([0, 2], [40, 33], 2, head_dim, 2, 2, 16, 16, torch.float32, 16, 7, device="cpu")
+        decode_attention_multi_triton(q, (int2,), 0.1)  # int2-int2, paged
         if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
             paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
             decode_attention_multi_triton(q, (paged12,), 0.1)

@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs interpret
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize (..., D) to uint8 codes (..., D or D/2 packed) plus fp16 scale/zero (..., D/group)."""
+    """Quantize (..., D) to uint8 codes (..., D, D/2 or D/4 packed) plus fp16 scale/zero (..., D/group)."""
     levels = (1 << bits) - 1
     grouped = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
     low = grouped.amin(-1)
@@ -27,6 +27,9 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     if bits == 4:
         half = x.shape[-1] // 2
         codes = codes[..., :half] | (codes[..., half:] << 4)
+    if bits == 2:  # split quarters: quarter i in bits 2i, 2i + 1
+        quarter = x.shape[-1] // 4
+        codes = sum(codes[..., i * quarter : (i + 1) * quarter] << (2 * i) for i in range(4)).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -34,6 +37,8 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     """Inverse of quantize_groups up to rounding, in float64: x = q * scale + zero per group."""
     if bits == 4:
         codes = torch.cat((codes & 0x0F, codes >> 4), dim=-1)
+    if bits == 2:
+        codes = torch.cat([(codes >> (2 * i)) & 3 for i in range(4)], dim=-1)
     values = codes.double()
     groups = scale.shape[-1]
     grouped = values.reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
@@ -149,11 +154,11 @@ def plain_scores(q: torch.Tensor, store: Store, lse: torch.Tensor, sm_scale: flo
     return out
 
 
-@pytest.mark.parametrize("bits,group", [(8, 16), (4, 16), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 16), (4, 64), (2, 16), (2, 32)])
 def test_quantizer_round_trip_error_is_at_most_half_a_step(bits: int, group: int) -> None:
     x = torch.randn(3, 2, 5, 64)
     codes, scale, zero = quantize_groups(x, bits, group)
-    assert codes.dtype == torch.uint8 and codes.shape[-1] == (32 if bits == 4 else 64)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == 64 * bits // 8
     err = (dequantize_groups(codes, scale, zero, bits) - x.double()).abs()
     step = scale.double().repeat_interleave(group, -1)
     assert bool((err <= step * 0.5 + 2e-3).all())

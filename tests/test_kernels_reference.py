@@ -35,6 +35,9 @@ ENCODINGS = {  # k_bits, v_bits, k_group, v_group
     "int8-int4-gNone": (8, 4, None, None),  # one group over both halves
     "int4-int8-g8": (4, 8, 8, 8),  # several groups per part: dequantized before the matmuls
     "int4-int4-g16": (4, 4, 16, 16),
+    "int4-int2-g16": (4, 2, None, 16),  # 2-bit values, split quarters, one group per half
+    "int2-int2-g8": (2, 2, 8, 8),  # several groups per half: dequantized before the matmuls
+    "int2-int2-gNone": (2, 2, None, None),
 }
 
 

@@ -22,6 +22,10 @@ COMPRESSION = {  # (wrap's compression, the PrefixCache's `quant`: codes shared 
     "fp": ({}, None), "quant-copy": ({"quant": SPEC}, None), "quant-shared-codes": ({"quant": SPEC}, SPEC),
     "snapkv": ({"press": kvpress.SnapKVPress(compression_ratio=0.5, window_size=8)}, SPEC),
     "streaming+quant": ({"press": "streaming:0.5", "quant": SPEC}, None),
+    # 2-bit values, both fields stored Hadamard-rotated: the shared codes are read with their rotations
+    "rotated-shared-codes": ({"quant": "int4-int2:g8:r8:s2"}, "int4-int2:g8:r8:s2"),
+    # same bits, but the pool's codes are unrotated: not the request's codes, so it keeps its own copy
+    "rotated-vs-unrotated-pool": ({"quant": "int4-int2:g8:r8:s2"}, "int4-int2:g8:r8:s2:rotnone"),
 }
 
 

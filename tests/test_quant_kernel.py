@@ -35,11 +35,11 @@ def _read_back(store: torch.Tensor, table: torch.Tensor, row: int, start: int, c
 
 @pytest.mark.parametrize("layout", ["paged", "contiguous"])
 @pytest.mark.parametrize("group", [None, 32])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_triton_equals_twin_and_codec(head_dim, bits, group, layout):
     batch, heads, n_tokens = 3, 2, 5
-    width = head_dim if bits == 8 else head_dim // 2
+    width = head_dim * bits // 8
     groups = head_dim // (group or head_dim)
     store = _make_store(layout, batch, heads, width, groups, seed=head_dim + bits)
     q0, s0, z0, table = store
@@ -109,13 +109,13 @@ def test_bad_shapes_raise(impl):
         impl(x, q0, s0, z0, table, start.long(), 4, None)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [None, 32, 16])
 def test_triton_equals_twin_on_tie_heavy_bf16_data(bits, group):
     """bf16 values have few mantissa bits, so (x - zero) / scale often lands near .5: any non-IEEE step
     (reciprocal multiply, fused multiply-add) in the kernel shows up here as a differing byte."""
     batch, heads, n_tokens, head_dim = 2, 2, 128, 128
-    width = head_dim if bits == 8 else head_dim // 2
+    width = head_dim * bits // 8
     groups = head_dim // (group or head_dim)
     q0, s0, z0, table = _make_store("contiguous", batch, heads, width, groups, seed=5)
     q0, s0, z0 = (t.new_zeros(batch, heads, n_tokens, t.shape[3]) for t in (q0, s0, z0))

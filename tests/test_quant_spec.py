@@ -32,7 +32,7 @@ def test_str_round_trips(spec):
     assert QuantSpec.parse(str(spec)) == spec
 
 
-@pytest.mark.parametrize("text", ["fp8", "int2", "int8-int16", "int8-int4:x3", "int8-int4:rnone", ""])
+@pytest.mark.parametrize("text", ["fp8", "int3", "int4-int1", "int8-int16", "int8-int4:x3", "int8-int4:rnone", ""])
 def test_parse_errors_list_accepted_forms(text):
     with pytest.raises(ValueError, match="int8-int4"):
         QuantSpec.parse(text)
@@ -50,7 +50,7 @@ def test_parse_rejects_non_string():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"k_bits": 16}, "k_bits"), ({"v_bits": 2}, "v_bits"), ({"group_size": 24}, "group_size"),
+    [({"k_bits": 16}, "k_bits"), ({"v_bits": 3}, "v_bits"), ({"group_size": 24}, "group_size"),
      ({"k_group_size": 0}, "k_group_size"), ({"residual": -1}, "residual"), ({"n_sink": -2}, "n_sink")],
 )
 def test_field_validation(kwargs, field):

@@ -1,4 +1,4 @@
-"""Asymmetric per-group min/max quantization of KV vectors to 8 or 4 bits (pure torch): the bytes every affine
+"""Asymmetric per-group min/max quantization of KV vectors to 8, 4 or 2 bits (pure torch): the bytes every affine
 store holds, which the quantize-and-store kernel reproduces exactly. A leaf of kvpress.kernels.
 
 Per group with minimum `lo` and maximum `hi` (float32), with `L = 2**bits` levels:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.kernels.affine_layout import check_bits, code_width, effective_group_size, pack_int4, unpack_int4
+from kvpress.kernels.affine_layout import check_bits, code_width, effective_group_size, pack_codes, unpack_codes
 
 SCALE_FLOOR = 2.0**-24  # smallest positive fp16: constant groups still get a nonzero scale
 FP16_MAX = 65504.0
@@ -56,7 +56,8 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `x[..., D]` to (codes uint8 `[..., D or D/2]`, scale fp16 `[..., G]`, zero fp16 `[..., G]`).
 
-    4-bit codes are packed with split halves. Raises ValueError if `x` holds NaN/inf or a group whose
+    4-bit codes are packed with split halves, 2-bit codes with split quarters. Raises ValueError if `x` holds
+    NaN/inf or a group whose
     scale or zero overflows fp16 (checked on the G-sized scale/zero, so it is cheap); check_finite=False
     skips the check (NaN input then gives NaN scale/zero).
     """
@@ -75,9 +76,7 @@ def quantize(
         )
     codes = (grouped - zero_f.unsqueeze(-1)).div_(scale_f.unsqueeze(-1)).add_(0.5).floor_()
     codes = codes.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(x.shape)
-    if bits == 4:
-        codes = pack_int4(codes)
-    return codes, scale, zero
+    return pack_codes(codes, bits), scale, zero
 
 
 def dequantize(
@@ -103,7 +102,7 @@ def dequantize(
             f"dequantize expects scale and zero of shape {(*lead, n_groups)}, "
             f"got {tuple(scale.shape)} and {tuple(zero.shape)}"
         )
-    codes = unpack_int4(q) if bits == 4 else q
+    codes = unpack_codes(q, bits)
     grouped = codes.reshape(*lead, n_groups, group).float()
     out = torch.addcmul(zero.float().unsqueeze(-1), grouped, scale.float().unsqueeze(-1))
     return out.reshape(*lead, head_dim).to(dtype)

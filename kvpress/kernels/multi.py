@@ -26,6 +26,7 @@ from kvpress.kernels.decode import (
     dot_operand_type,
 )
 from kvpress.kernels.launch_plans import LaunchPlan, find_plan, plan_key, remember_plan
+from kvpress.kernels.rotation import attend_rotated, has_rotations
 from kvpress.kernels.store import (
     MAX_STORES,
     KVStore,
@@ -196,6 +197,9 @@ def extend_attention_multi_triton(
     cached per stores (launch_plans.py): repeated calls over the same store tensors skip the store checks."""
     require_triton()
     check_extend_query(q)
+    if has_rotations(stores):  # q rotated per group of stores, outputs rotated back, groups merged (rotation.py)
+        return attend_rotated(extend_attention_multi_triton, q, tuple(stores), sm_scale, out_dtype, scores,
+                              score_offsets)  # fmt: skip
     if scores is not None and q.shape[2] != 1:
         raise ValueError(f"scores are written for decode (one query per row) only; got {q.shape[2]} queries")
     batch, q_heads, num_queries, head_dim = q.shape

@@ -137,7 +137,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         # One program: BLOCK_N tokens of one (row, head). Head_dim is seen as PARTS parts of PART_WIDTH
-        # elements (two halves for packed 4-bit, one part for 8-bit), each padded to PART_PAD lanes.
+        # elements (four quarters for 2-bit, two halves for 4-bit, one part for 8-bit), each padded to PART_PAD
+        # lanes. A group spans whole parts only when nothing is padded (GROUPS_PER_PART = 1 then).
         row_head = tl.program_id(0)
         row = (row_head // n_heads).to(tl.int64)
         head = row_head % n_heads
@@ -182,6 +183,10 @@ if triton is not None:
             packed = (low | (high << 4)).to(tl.uint8)
             tl.store(q_ptr + dst[:, None] + lane[None, :] * sq_x, packed,
                      mask=tok_ok[:, None] & (lane[None, :] < PART_WIDTH))
+        elif PARTS == 4:  # split quarters: quarter i in bits 2i, 2i + 1 (disjoint bits, so the sum is an or)
+            packed = tl.sum(codes << (part * 2)[None, :, None], axis=1).to(tl.uint8)
+            tl.store(q_ptr + dst[:, None] + lane[None, :] * sq_x, packed,
+                     mask=tok_ok[:, None] & (lane[None, :] < PART_WIDTH))
         else:
             flat = tl.reshape(codes, [BLOCK_N, PART_PAD]).to(tl.uint8)
             tl.store(q_ptr + dst[:, None] + lane[None, :] * sq_x, flat,
@@ -220,12 +225,16 @@ def quantize_store_triton(
         return
     if check_values:
         _check_store_values(x, q_out, block_table, dst_start)
-    parts = 2 if bits == 4 else 1
+    parts = 8 // bits
     part_width = head_dim // parts
     part_pad = triton.next_power_of_2(part_width)
     one_group = group == head_dim
     if not one_group and group & (group - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two group_size, got {group}")
+    spanning = not one_group and group > part_width  # 2-bit groups over several quarters
+    if spanning and part_pad != part_width:
+        raise ValueError(f"the Triton kernel needs groups within a quarter of head_dim={head_dim} for 2-bit codes "
+                         f"(or a power-of-two head_dim); got group {group} (use quantize_store_reference)")
     block_n = min(16, triton.next_power_of_2(n_tokens))
     grid = (batch * heads, triton.cdiv(n_tokens, block_n))
     _quantize_store_kernel[grid](
@@ -234,8 +243,8 @@ def quantize_store_triton(
         *x.stride(), *q_out.stride(), *scale_out.stride(), *zero_out.stride(), *block_table.stride(),
         LEVELS=2**bits, PARTS=parts, PART_WIDTH=part_width, PART_PAD=part_pad,
         GROUP=parts * part_pad if one_group else group,
-        GROUPS_PER_PART=1 if one_group else part_width // group,
-        PAD_GROUPS_PER_PART=1 if one_group else part_pad // group,
+        GROUPS_PER_PART=1 if one_group or spanning else part_width // group,
+        PAD_GROUPS_PER_PART=1 if one_group or spanning else part_pad // group,
         BLOCK_N=block_n,
         enable_fp_fusion=False,  # keep every mul and add separately rounded, like torch
     )

@@ -1,7 +1,8 @@
 """Torch twins of the multi-store attention kernels (kernels/multi.py): same signatures, same results. This is what
 runs on CPU, so each store is read in a handful of ops: codes are converted to float once per call (never
 dequantized element by element when the groups allow), logits come from the codes, q.(s*c + z) = s*(q.c) + z*sum(q)
-per token and group, and the stores' logits share one softmax. kernels/reference_plain.py is the slow oracle they
+per token and group, and the stores' logits share one softmax. Rotated stores (KVStore.k_rotation / v_rotation) cost
+one small matmul on q and one on their share of the output. kernels/reference_plain.py is the slow oracle they
 are tested against."""
 from __future__ import annotations
 
@@ -69,10 +70,16 @@ def _tokens(field: torch.Tensor, store: KVStore, span: _Span, sliced: bool) -> t
 
 
 def _float_codes(raw: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes as float32 parts (B, Hkv, P, T, D / P): P = 2 for 4-bit codes (low nibbles are the first half of the
-    head dim, high nibbles the second), else 1; 16-bit fields are just converted."""
+    """Codes as float32 parts (B, Hkv, P, T, D / P): P = 2 for 4-bit and 2-bit codes (the two halves of the head
+    dim: low / high nibbles, or bits 0-3 / 4-7 of split quarters), else 1; 16-bit fields are just converted."""
     if bits == 4:
         return torch.stack((raw & 15, raw >> 4), dim=2).float()
+    if bits == 2:  # quarter i = bits 2i, 2i + 1; quarters 0, 1 are the first half, 2, 3 the second
+        b, h, t, width = raw.shape
+        parts = torch.empty(b, h, 2, t, 2 * width, dtype=torch.float32, device=raw.device)
+        for i in range(4):  # uint8 -> float32 on assignment
+            parts[:, :, i // 2, :, (i % 2) * width : (i % 2 + 1) * width] = (raw >> (2 * i)) & 3 if i < 3 else raw >> 6
+        return parts
     return raw.float().unsqueeze(2)
 
 
@@ -166,7 +173,8 @@ def _attend(
     block = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * kv_heads * total))
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
-        logits = [_key_logits(qs[:, :, r0:r1], keys) for keys, _ in fields]
+        logits = [_key_logits(_rotated_queries(qs[:, :, r0:r1], store), keys)
+                  for store, (keys, _) in zip(stores, fields)]
         for store, span, part in zip(stores, spans, logits):
             if span.valid is not None:
                 part.masked_fill_(~span.valid[:, None, None, :], -math.inf)
@@ -182,14 +190,21 @@ def _attend(
         probs = joined.sub_(top).exp_()
         mass = probs.sum(dim=-1, keepdim=True)
         acc, offset = None, 0
-        for (_, values), span in zip(fields, spans):
+        for store, (_, values), span in zip(stores, fields, spans):
             width = span.end - span.begin
             part = _value_sum(probs[..., offset : offset + width], values)
+            if store.v_rotation is not None:  # the store's values are v @ R: rotate its share back
+                part = part @ store.v_rotation.T
             acc = part if acc is None else acc.add_(part)
             offset += width
         torch.div(acc, mass.clamp_min(torch.finfo(torch.float32).tiny), out=out[:, :, r0:r1])
         torch.add(top.squeeze(-1), mass.squeeze(-1).log(), out=lse[:, :, r0:r1])
     return out.view(batch, q_heads, num_queries, head_dim), lse.view(batch, q_heads, num_queries)
+
+
+def _rotated_queries(qs: torch.Tensor, store: KVStore) -> torch.Tensor:
+    """Queries in the frame of the store's keys: q @ Rk when they were stored rotated (q.k is then unchanged)."""
+    return qs if store.k_rotation is None else qs @ store.k_rotation
 
 
 def _write_logits(scores: torch.Tensor, logits: list[torch.Tensor], spans: list[_Span], offsets) -> None:

@@ -1,6 +1,6 @@
 """The plain oracle of the multi-store attention twins: every store's pages gathered and dequantized
-(store_access.py), attended alone and merged by log-sum-exp. Obviously correct and slow; the fast twins in
-kernels/reference.py (what runs on CPU) are tested against it."""
+(store_access.py) and rotated back if stored rotated, attended alone and merged by log-sum-exp. Obviously correct
+and slow; the fast twins in kernels/reference.py (what runs on CPU) are tested against it."""
 from __future__ import annotations
 
 import math
@@ -22,6 +22,11 @@ LOG2E = 1.4426950408889634
 REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows
 
 
+def unrotated(tokens: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Dequantized tokens back in the model's frame (stored rotated: x @ R, so x = stored @ R.T)."""
+    return tokens if rotation is None else tokens @ rotation.T
+
+
 def store_attention_plain(q: torch.Tensor, store: KVStore, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, Q, D) over one store's tokens [kv_start, kv_end) of each row (causal if the store is) -> out
     (B, Hq, Q, D) float32, natural-log lse (B, Hq, Q); empty rows give out 0, lse -inf. Query rows are processed in
@@ -38,6 +43,7 @@ def store_attention_plain(q: torch.Tensor, store: KVStore, sm_scale: float) -> t
                               geo.k_group)  # fmt: skip
     values = gather_dequantized(store.v, store.v_scale, store.v_zero, store.block_table, t_begin, t_end,
                                 store.v_bits, geo.v_group)  # fmt: skip
+    keys, values = unrotated(keys, store.k_rotation), unrotated(values, store.v_rotation)
     positions = torch.arange(t_begin, t_end, device=q.device)
     invalid = (positions[None, :] < kv_start[:, None]) | (positions[None, :] >= kv_end[:, None])
     invalid = invalid[:, None, None, :]  # (B, 1, 1, T)
@@ -87,6 +93,7 @@ def store_logits_plain(
     batch, q_heads, head_dim = q.shape
     keys = gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
                               geo.k_group)  # fmt: skip
+    keys = unrotated(keys, store.k_rotation)
     queries = q.float().reshape(batch, geo.kv_heads, geo.group, head_dim)
     logits = torch.matmul(queries, keys.transpose(-1, -2)).mul_(sm_scale * LOG2E).reshape(batch, q_heads, -1)
     positions = torch.arange(t_begin, t_end, device=q.device)

@@ -12,8 +12,10 @@ import torch
 class KVStore:
     """One store: pages k / v (P, Hkv, S, X) read through `block_table` (B, max_pages) int32; row b attends tokens
     [kv_start, kv_end) ((B,) int tensors, or one int for every row; a start is clamped into [0, kv_end]). Quantized
-    fields (bits 4 / 8) carry fp16 scale / zero (P, Hkv, S, D / group); 16-bit fields have none. `causal`: a
-    prefill chunk over itself (its tokens 0..Q-1): query i sees tokens j <= i only."""
+    fields (bits 2 / 4 / 8) carry fp16 scale / zero (P, Hkv, S, D / group); 16-bit fields have none. `causal`: a
+    prefill chunk over itself (its tokens 0..Q-1): query i sees tokens j <= i only. `k_rotation` / `v_rotation`:
+    the tokens were stored rotated (x @ R): the twins rotate q and the output per store, the Triton entry points
+    per group of stores (kernels/rotation.py)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -29,6 +31,8 @@ class KVStore:
     k_group: int | None = None
     v_group: int | None = None
     causal: bool = False
+    k_rotation: torch.Tensor | None = None  # stored keys are k @ k_rotation (D, D) orthogonal (kernels/rotation.py)
+    v_rotation: torch.Tensor | None = None  # stored values are v @ v_rotation
 
     @property
     def page_size(self) -> int:
@@ -88,12 +92,12 @@ def _check_field(name: str, field: torch.Tensor, bits: int, head_dim: int) -> No
         if not field.is_floating_point():
             raise ValueError(f"{name} with {name}_bits=16 must be a floating tensor; got {field.dtype}")
         width = head_dim
-    elif bits in (4, 8):
+    elif bits in (2, 4, 8):
         if field.dtype != torch.uint8:
             raise ValueError(f"{name} with {name}_bits={bits} must be uint8 codes; got {field.dtype}")
-        width = head_dim // 2 if bits == 4 else head_dim
+        width = head_dim * bits // 8
     else:
-        raise ValueError(f"{name}_bits must be 4, 8 or 16; got {bits}")
+        raise ValueError(f"{name}_bits must be 2, 4, 8 or 16; got {bits}")
     if field.shape[-1] != width:
         raise ValueError(
             f"{name} last dim must be {width} for {bits}-bit codes of head_dim {head_dim}; got {field.shape[-1]}"
@@ -125,9 +129,9 @@ def _resolve_group(
     resolved = head_dim // n_groups
     if group is not None and group != resolved:
         raise ValueError(f"{name}_group={group} disagrees with {name}_scale width {n_groups} (head_dim {head_dim})")
-    if bits == 4 and resolved != head_dim and (head_dim // 2) % resolved != 0:
+    if bits < 8 and resolved != head_dim and (head_dim // 2) % resolved != 0:
         raise ValueError(
-            f"{name}_group={resolved} must divide head_dim/2={head_dim // 2} or equal head_dim for 4-bit codes"
+            f"{name}_group={resolved} must divide head_dim/2={head_dim // 2} or equal head_dim for {bits}-bit codes"
         )
     return resolved
 
@@ -178,6 +182,12 @@ def check_store(q: torch.Tensor, store: KVStore, label: str = "store") -> StoreG
     check_bounds(store, batch, q.device, label)
     if not isinstance(store.causal, bool):
         raise ValueError(f"{label} causal must be a bool; got {store.causal!r}")
+    for name in ("k_rotation", "v_rotation"):
+        matrix = getattr(store, name)
+        if matrix is not None and (tuple(matrix.shape) != (head_dim, head_dim) or matrix.dtype != torch.float32
+                                   or matrix.device != q.device):
+            raise ValueError(f"{label} {name} must be a float32 ({head_dim}, {head_dim}) matrix on {q.device}; got "
+                             f"{matrix.dtype} {tuple(matrix.shape)} on {matrix.device}")
     return StoreGeometry(batch, q_heads, kv_heads, num_queries, head_dim, k.shape[2], k_group, v_group)
 
 

@@ -33,11 +33,11 @@ def dequantize_codes(
     """Dequantize gathered codes (..., X) to float32 (..., D): x = q * scale + zero per group of `group` dims."""
     if bits == 16:
         return raw.float()
-    if bits == 4:  # split halves: low nibbles are the first half of the head dim, high nibbles the second
-        half = raw.shape[-1]
-        values = torch.empty(*raw.shape[:-1], 2 * half, dtype=torch.float32, device=raw.device)
-        values[..., :half] = torch.bitwise_and(raw, 15)  # uint8 -> float32 on assignment (CUDA has no
-        values[..., half:] = torch.bitwise_right_shift(raw, 4)  # mixed-dtype out= for bitwise ops)
+    if bits in (2, 4):  # split halves / quarters: the lowest bits hold the first part of the head dim
+        width, parts = raw.shape[-1], 8 // bits
+        values = torch.empty(*raw.shape[:-1], parts * width, dtype=torch.float32, device=raw.device)
+        for i in range(parts):  # uint8 -> float32 on assignment (CUDA has no mixed-dtype out= for bitwise ops)
+            values[..., i * width : (i + 1) * width] = torch.bitwise_and(raw >> (bits * i), 2**bits - 1)
     else:
         values = raw.to(torch.float32, memory_format=torch.contiguous_format)
     shape = values.shape

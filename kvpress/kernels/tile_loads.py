@@ -1,5 +1,6 @@
 """Triton helpers that load stored tokens (contiguous or paged, 16-bit or quantized) into register tiles: page
-lookup, code unpacking (split-halves int4), the fp16 bit trick, and the per-group affine x = code * scale + zero."""
+lookup, code unpacking (split-halves int4, split-quarters int2), the fp16 bit trick, and the per-group affine
+x = code * scale + zero."""
 from kvpress.kernels.triton_compat import tl, triton
 
 
@@ -54,6 +55,12 @@ def load_token_halves(
         packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
         low = packed & 15
         high = packed >> 4
+    elif BITS == 2:  # split quarters: column c of a half is byte c % QUARTER, bits 2 * (c // QUARTER) (+ 4: high)
+        QUARTER: tl.constexpr = HALF // 2
+        packed = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] % QUARTER) * stride_x, mask=mask, other=0)
+        shift = ((cols // QUARTER) * 2).to(tl.uint8)[None, :]
+        low = (packed >> shift) & 3
+        high = (packed >> (shift + 4)) & 3
     else:
         low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
         high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)

@@ -12,18 +12,23 @@ import torch
 from ..kernels import quantize_store
 from ..kernels.affine import dequantize, quantize
 from ..kernels.affine_layout import check_bits, code_width, effective_group_size, group_count
+from ..kernels.rotation import hadamard_rotation
 from .codec_base import KVCodec
 
 
 @dataclass(frozen=True)
 class AffineCodec(KVCodec):
-    """Keys and values quantized per (token, head, group of head_dim elements) to `k_bits` / `v_bits` (4 or 8);
-    fields "k", "k_scale", "k_zero", "v", "v_scale", "v_zero". Groups of None span the whole head_dim."""
+    """Keys and values quantized per (token, head, group of head_dim elements) to `k_bits` / `v_bits` (2, 4 or 8);
+    fields "k", "k_scale", "k_zero", "v", "v_scale", "v_zero". Groups of None span the whole head_dim. With
+    `rotate_k` / `rotate_v` the codes are of k @ R / v @ R (randomised Hadamard); decode rotates back, and the stores
+    carry R so the attention rotates q and its output (kernels/rotation.py)."""
 
     k_bits: int = 8
     v_bits: int = 4
     k_group: int | None = None
     v_group: int | None = 32
+    rotate_k: bool = False  # store k @ R (randomised Hadamard, kernels/rotation.py) instead of k
+    rotate_v: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.k_bits, "k_bits")
@@ -31,8 +36,18 @@ class AffineCodec(KVCodec):
 
     @classmethod
     def from_spec(cls, spec: Any) -> AffineCodec:
-        """QuantSpec fields k_bits, v_bits, k_group_size, group_size."""
-        return cls(spec.k_bits, spec.v_bits, spec.k_group_size, spec.group_size)
+        """QuantSpec fields k_bits, v_bits, k_group_size, group_size, rotate ("none", "k", "v" or "kv")."""
+        rotate = getattr(spec, "rotate", "none")
+        return cls(spec.k_bits, spec.v_bits, spec.k_group_size, spec.group_size, "k" in rotate, "v" in rotate)
+
+    def rotations(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        matrix = hadamard_rotation(head_dim, device) if self.rotate_k or self.rotate_v else None
+        return (matrix if self.rotate_k else None), (matrix if self.rotate_v else None)
+
+    def _rotated(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as they are stored (rotated in float32 where the codec rotates)."""
+        rk, rv = self.rotations(k.shape[-1], k.device)
+        return (k if rk is None else k.float() @ rk), (v if rv is None else v.float() @ rv)
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -44,6 +59,8 @@ class AffineCodec(KVCodec):
 
     def check_head_dim(self, head_dim: int) -> None:
         self.group_sizes(head_dim)
+        if (self.rotate_k or self.rotate_v) and head_dim & (head_dim - 1):
+            raise ValueError(f"rotated codes need a power-of-two head_dim (Hadamard); got {head_dim}")
 
     def group_sizes(self, head_dim: int) -> tuple[int, int]:
         return (effective_group_size(head_dim, self.k_bits, self.k_group),
@@ -56,7 +73,7 @@ class AffineCodec(KVCodec):
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         fields = {}
-        for (name, bits, group), x in zip(self._parts(), (k, v)):
+        for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
             fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = quantize(x, bits, group)
         return fields
 
@@ -64,11 +81,14 @@ class AffineCodec(KVCodec):
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = (dequantize(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits, group, head_dim, dtype)
                 for name, bits, group in self._parts())
+        rk, rv = self.rotations(head_dim, k.device)
+        k = k if rk is None else (k.float() @ rk.T).to(dtype)
+        v = v if rv is None else (v.float() @ rv.T).to(dtype)
         return k, v
 
     def store(self, k: torch.Tensor, v: torch.Tensor, fields: dict[str, torch.Tensor], block_table: torch.Tensor,
               dst_start: torch.Tensor) -> None:
         """The fused quantize-and-store kernel (Triton on CUDA), K then V: no encoded copy is made first."""
-        for (name, bits, group), x in zip(self._parts(), (k, v)):
+        for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
             quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], block_table, dst_start,
                            bits, group, check_values=False)

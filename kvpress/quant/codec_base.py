@@ -47,6 +47,11 @@ class KVCodec(ABC):
         that casts) stores exactly what `encode` would; False when `store` must encode."""
         return False
 
+    def rotations(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(Rk, Rv): orthogonal (D, D) matrices the stored keys / values were multiplied by (None: stored as they
+        come); the attention rotates q by Rk and its output back by Rv (KVStore.k_rotation / v_rotation)."""
+        return None, None
+
     @abstractmethod
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ValueError if this codec cannot encode vectors of `head_dim` elements."""

@@ -17,15 +17,32 @@ def accepted_forms() -> str:
     """The spec strings QuantSpec.parse accepts (named in its errors), with the codecs registered now."""
     return (
         "'int8-int4' (8-bit keys, 4-bit values), 'int4-int8', 'int8-int8', 'int4-int4', 'int4-int2', 'int2-int2', "
-        "'int8' (both 8-bit), 'int4' (both 4-bit), 'int2' (both 2-bit), optionally prefixed by a registered codec name and '-' "
+        "'int8' (both 8-bit), 'int4' (both 4-bit), 'int2' (both 2-bit), optionally prefixed by a registered codec "
+        "name and '-' "
         f"({', '.join(sorted(CODECS))}; default {DEFAULT_CODEC}), each optionally followed by ':'-separated options "
         "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
+        "rotk|rotv|rotkv|rotnone (Hadamard-rotate keys / values before encoding), "
         "e.g. 'int8-int4:g32:r128:s4'"
     )
 
 _BITS_PATTERN = re.compile(r"^(?:(?!int\d)([a-z][a-z0-9_]*)-)?int(\d+)(?:-int(\d+))?$")
-_OPTION_PATTERN = re.compile(r"^(kg|g|r|s)(\d+|none)$")
-_OPTION_FIELDS = {"kg": "k_group_size", "g": "group_size", "r": "residual", "s": "n_sink"}
+_OPTION_PATTERN = re.compile(r"^(kg|g|rot|r|s)(\d+|none|k|v|kv)$")
+ROTATIONS = ("none", "k", "v", "kv")
+_OPTION_FIELDS = {"kg": "k_group_size", "g": "group_size", "r": "residual", "s": "n_sink", "rot": "rotate"}
+
+
+def default_rotation(k_bits: int, v_bits: int) -> str:
+    """Hadamard rotation of keys and values ("kv") for specs with 2-bit codes, none otherwise: measured on the
+    default model (eval/results/quant_rotation.md), rotating both halves the KL of int4-int2 and divides int2-int2's
+    by six; 4- and 8-bit specs keep their unrotated layout unless asked (rotv / rotkv pay there too, less)."""
+    return "kv" if min(k_bits, v_bits) <= 2 else "none"
+
+
+def default_value_group(v_bits: int) -> int:
+    """The value group a spec string gets without a g option: 32, or 64 for (rotated) 2-bit values - one group
+    per head at head_dim 64, measured both smaller and closer to the full cache than g32 there (KL 0.0043 vs
+    0.0058, top-1 98.0% vs 95.7%, eval/results/quant_lowbit_4texts.md)."""
+    return 64 if v_bits <= 2 else 32
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -47,8 +64,9 @@ def _fitting_group(head_dim: int, bits: int, group: int | None) -> int | None:
 @dataclass(frozen=True)
 class QuantSpec:
     """KV quantization settings: key/value bits, group sizes along head_dim (None = one group of D),
-    `residual` most recent tokens and `n_sink` first tokens kept in full precision, and the registered `codec`
-    (kvpress/quant/registry.py) that encodes the middle with them.
+    `residual` most recent tokens and `n_sink` first tokens kept in full precision, the registered `codec`
+    (kvpress/quant/registry.py) that encodes the middle with them, and which fields it Hadamard-rotates first
+    (`rotate`: "none", "k", "v", "kv"; None = default_rotation(bits)).
 
     `adapt_groups` (not part of equality): the group sizes are defaults nobody asked for (a string without g/kg
     options, or None), so `fit(head_dim)` shrinks them to fit the model; explicit ones are checked, never changed."""
@@ -60,9 +78,14 @@ class QuantSpec:
     residual: int = 128
     n_sink: int = 4
     codec: str = DEFAULT_CODEC
+    rotate: str | None = None
     adapt_groups: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.rotate is None:  # frozen: the default is resolved once, here
+            object.__setattr__(self, "rotate", default_rotation(self.k_bits, self.v_bits))
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"QuantSpec.rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         try:
             self.build_codec()  # the codec checks the bits (and anything else it needs)
         except ValueError as err:
@@ -99,7 +122,8 @@ class QuantSpec:
         k_bits = int(match.group(2))
         v_bits = int(match.group(3)) if match.group(3) else k_bits
         try:
-            result = cls(k_bits=k_bits, v_bits=v_bits, codec=codec, adapt_groups=True)
+            result = cls(k_bits=k_bits, v_bits=v_bits, group_size=default_value_group(v_bits), codec=codec,
+                         adapt_groups=True)
         except ValueError as err:
             raise ValueError(
                 f"unsupported codec or bit width in {spec!r} ({err}); accepted: {accepted_forms()}"
@@ -111,6 +135,14 @@ class QuantSpec:
                     f"unknown option {option!r} in quantization spec {spec!r}; accepted: {accepted_forms()}"
                 )
             key, raw = opt.groups()
+            if key == "rot":
+                if raw not in ROTATIONS:
+                    raise ValueError(f"option {option!r} must be rotk, rotv, rotkv or rotnone; accepted: "
+                                     f"{accepted_forms()}")
+                result = replace(result, rotate=raw)
+                continue
+            if not raw.isdigit() and raw != "none":
+                raise ValueError(f"unknown option {option!r} in quantization spec {spec!r}; accepted: {accepted_forms()}")
             if raw == "none" and key not in ("g", "kg"):
                 raise ValueError(f"option {option!r} needs a number; accepted: {accepted_forms()}")
             explicit = {"adapt_groups": False} if key in ("g", "kg") else {}
@@ -126,6 +158,7 @@ class QuantSpec:
         return (
             f"{prefix}int{self.k_bits}-int{self.v_bits}:kg{size(self.k_group_size)}:g{size(self.group_size)}"
             f":r{self.residual}:s{self.n_sink}"
+            + ("" if self.rotate == default_rotation(self.k_bits, self.v_bits) else f":rot{self.rotate}")
         )
 
     def check_head_dim(self, head_dim: int) -> None:
