@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels import chunk_store, decode_attention_multi, extend_attention_multi, kernel_backend, merge_attention_states
+from .kernels.head_rows import as_head_rows, merge_heads, split_heads
 
 ATTENTION_NAME = "kvpress"
 
@@ -48,7 +49,8 @@ def kvpress_attention_forward(
     chunk_valid = _chunk_validity(attention_mask) if q_len > 1 else None
     if q_len == 1:  # (the cache compressed the observed prompt when this step began: KVPressCache.update)
         layer.before_decode()  # decode-time eviction of a bounded press
-    if layer.kv.quant is None and layer.prefix is None and not (q_len == 1 and layer.wants_decode_logits()):
+    plain = layer.kv.quant is None and layer.prefix is None and layer.kv.pressed is None
+    if plain and not (q_len == 1 and layer.wants_decode_logits()):
         out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
     elif q_len == 1:
         out = _decode_segments(layer, query, key, value, scaling)
@@ -74,6 +76,9 @@ def _decode_segments(layer, query, key, value, scaling):
     layer.append(key, value, None)
     stores, offsets = _layer_stores(layer)
     q = query[:, :, 0]
+    if layer.kv.pressed is not None:  # heads of different lengths: one row per (row, kv head)
+        out, _ = decode_attention_multi(split_heads(q, layer.kv.pressed.heads), stores, scaling, out_dtype=query.dtype)
+        return merge_heads(out, q.shape[0])[:, None]
     if not layer.wants_decode_logits():
         out, lse = decode_attention_multi(q, stores, scaling, out_dtype=query.dtype)
         return out[:, None]  # (B, 1, Hq, D), contiguous
@@ -86,11 +91,14 @@ def _decode_segments(layer, query, key, value, scaling):
 
 def _layer_stores(layer) -> tuple[tuple, tuple[int, ...]]:
     """The layer's non-empty segments (then its shared prefix) as KVStores of the multi-store kernels, and the
-    segments' logical offsets (where each one's logits go for H2O)."""
+    segments' logical offsets (where each one's logits go for H2O). After a per-head compression every store has
+    one kv head per (row, head) row (kernels/head_rows.py), the compression's own stores first."""
     segments = [(seg, off) for seg, off in layer.kv.offsets() if seg.length]
     stores = [seg.kernel_store(layer.kv_start, off) for seg, off in segments]
     if layer.prefix is not None:
         stores.append(layer.prefix.kernel_store())
+    if layer.kv.pressed is not None:
+        return (*layer.kv.pressed.kernel_stores(), *map(as_head_rows, stores)), ()
     return tuple(stores), tuple(off for _, off in segments)
 
 
@@ -102,17 +110,28 @@ def _extend_segments(module, layer, query, key, value, chunk_mask, chunk_valid, 
         out, _ = sdpa_attention_forward(module, query, key, value, chunk_mask, dropout=dropout, scaling=scaling)
         layer.append(key, value, chunk_valid)
         return out
-    if layer.prefix is None and kernel_backend(query.device) == "reference":
+    pressed = layer.kv.pressed
+    if layer.prefix is None and pressed is None and kernel_backend(query.device) == "reference":
         return _extend_dequantized(module, layer, query, key, value, chunk_mask, chunk_valid, dropout, scaling)
     causal, chunk_start = _causal_chunk(chunk_mask, chunk_valid, layer.sliding_window)
     stores = _layer_stores(layer)[0]
     if causal:
-        stores = (*stores, chunk_store(key, value, chunk_start))
-        out, _ = extend_attention_multi(query, stores, scaling, out_dtype=query.dtype)
+        chunk = chunk_store(key, value, chunk_start)
+        if pressed is not None:  # one row per (row, kv head)
+            stores = (*stores, as_head_rows(chunk))
+            out, _ = extend_attention_multi(split_heads(query, pressed.heads), stores, scaling, out_dtype=query.dtype)
+            out = merge_heads(out, query.shape[0])
+        else:
+            out, _ = extend_attention_multi(query, (*stores, chunk), scaling, out_dtype=query.dtype)
         layer.append(key, value, chunk_valid)
         return out.transpose(1, 2).contiguous()
     out, lse = _chunk_attention(query, key, value, chunk_mask, scaling, layer.sliding_window)
-    out, lse = merge_attention_states(out, lse, *extend_attention_multi(query, stores, scaling))
+    if pressed is not None:
+        stored_out, stored_lse = extend_attention_multi(split_heads(query, pressed.heads), stores, scaling)
+        stored = (merge_heads(stored_out, query.shape[0]), merge_heads(stored_lse, query.shape[0]))
+    else:
+        stored = extend_attention_multi(query, stores, scaling)
+    out, lse = merge_attention_states(out, lse, *stored)
     layer.append(key, value, chunk_valid)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 

@@ -45,6 +45,7 @@ class KVPressLayer(CacheLayerMixin):
         self._state: PressState | None = press.new_state() if press is not None else None
         self.compress_every_chunk = compress_every_chunk
         self.needs_compression = False  # the press observed tokens it has not compressed yet
+        self.compressed_once = False  # a per-head compression ran: later chunks are stored as they come
         self._sm_scale: float | None = None  # softmax scale of the model, from the last observed chunk
         self.prefix: SharedPrefix | None = None  # read in place from a PrefixCache (kvpress/prefix.py), or None
         self.deferred: DeferredEncoding | None = None  # prompt held in full precision until its last token (prefix.py)
@@ -100,7 +101,7 @@ class KVPressLayer(CacheLayerMixin):
         self.logical_length = 0
         self.kv_start = self.n_pad = self.pending = None
         self._state = self.press.new_state() if self.press is not None else None
-        self.needs_compression = False
+        self.needs_compression = self.compressed_once = False
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -145,7 +146,7 @@ class KVPressLayer(CacheLayerMixin):
         """Decode-time eviction: before the next token is stored, either re-compress through the press's score
         (`press.every`: once the layer holds `every` tokens more than its budget), or drop the tokens the press's
         state chooses from the quantized middle (or the only segment), so that segments stay rectangular (H2O)."""
-        if self._state is None:
+        if self._state is None or self.kv.pressed is not None:
             return
         if self.press.every is not None:
             if self.kv.length - max(self._row_budgets()) >= self.press.every:
@@ -169,7 +170,7 @@ class KVPressLayer(CacheLayerMixin):
 
     def wants_decode_logits(self) -> bool:
         """Whether the decode attention must hand this step's logits to observe_decode (H2O accumulates mass)."""
-        return self._state is not None and self._state.wants_decode_logits()
+        return self._state is not None and self.kv.pressed is None and self._state.wants_decode_logits()
 
     def observe_decode(self, scores: torch.Tensor, lse: torch.Tensor) -> None:
         """The decode step's float32 logits (B, Hq, stored_length) in the log2 domain and its lse (B, Hq), natural
@@ -182,7 +183,7 @@ class KVPressLayer(CacheLayerMixin):
         if self.deferred is not None:
             self._encode_deferred(query, sm_scale)
             return
-        if self.press is not None and (query.shape[2] > 1 or self._prompt_chunk()):
+        if self.press is not None and not self.compressed_once and (query.shape[2] > 1 or self._prompt_chunk()):
             self._observe_prefill(query, sm_scale)
             if self.compress_every_chunk:
                 self.compress()
@@ -227,6 +228,10 @@ class KVPressLayer(CacheLayerMixin):
         press, kv = self.press, self.kv
         budgets = self._row_budgets()
         n_keep = max(budgets)
+        if press.per_head_budgets:
+            ranked = self.ranked_scores() if n_keep < kv.length else None
+            self.keep_per_head(press.keep_masks([ranked], budgets)[0] if ranked is not None else None)
+            return
         if n_keep < kv.length:
             k_all, v_all = kv.dequantized(self.head_dim, self.dtype)
             valid = self.valid_mask()
@@ -238,6 +243,27 @@ class KVPressLayer(CacheLayerMixin):
             self._refresh_views()
         self._state.compressed()
         self.needs_compression = False
+
+    def ranked_scores(self) -> torch.Tensor:
+        """(B, Hkv, T) float32 ranking of the press's scores of every stored token (padding -inf, forced tokens +inf):
+        what a per-head compression selects from (this layer alone, or with every layer for budget=global)."""
+        k_all, v_all = self.kv.dequantized(self.head_dim, self.dtype)
+        valid = self.valid_mask()
+        scores = self.press.score(self._state.scoring_inputs(k_all, v_all, valid, self._sm_scale))
+        return self.press.rank(scores, valid)
+
+    def keep_per_head(self, keep: torch.Tensor | None) -> None:
+        """Keep tokens keep (B, Hkv, T) bool of the stored ones, each (row, head) at its own length (SegmentedKV.
+        keep_per_head); None: the budget keeps every token and the storage stays as it is. Either way the prompt is
+        compressed: later chunks are stored as they come."""
+        if keep is not None:
+            k_all, v_all = self.kv.dequantized(self.head_dim, self.dtype)
+            self.kv.keep_per_head(keep, k_all, v_all)
+            self.set_kv_start(None)
+            self._refresh_views()
+        self._state.compressed()
+        self.needs_compression = False
+        self.compressed_once = True
 
     def _row_budgets(self) -> list[int]:
         """Tokens each row keeps at a compression now (compress.row_budgets for this layer's place)."""
@@ -310,7 +336,9 @@ class KVPressLayer(CacheLayerMixin):
     # --- storage ----------------------------------------------------------------------------------------------
     @property
     def stored_length(self) -> int:
-        return self.kv.length
+        """Tokens held per (row, head): the segments' plus, after a per-head compression, its mean per head."""
+        pressed = self.kv.pressed
+        return self.kv.length + (round(pressed.mean_tokens()) if pressed is not None else 0)
 
     def index_batch(self, rows: torch.Tensor) -> None:
         """Select/reorder batch rows of every per-row tensor."""
@@ -418,6 +446,9 @@ class KVPressCache(Cache):
         self.kv_config = resolve_config(press=press, quant=quant, paged=paged, head_dim=self.head_dim)
         press, quant = self.kv_config.press, self.kv_config.quant
         _check_press_with_quant(press, quant)
+        if compress_every_chunk and press is not None and press.per_head_budgets:
+            raise ValueError(f"compress_every_chunk cannot be combined with budget={press.budget}: per-head budgets "
+                             "compress the prompt once, when it is complete. Use budget=uniform or compress once.")
         check_text_config(text_config, self.kv_config)
         layer_types, layer_kwargs = layer_types_and_kwargs(text_config)
         self.num_key_value_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
@@ -521,13 +552,29 @@ class KVPressCache(Cache):
         presses = {id(layer.press): layer.press for layer in layers}
         for press in presses.values():
             press.prepare_compression(self, model)
+        for press in presses.values():
+            if press.budget == "global":
+                _compress_global([layer for layer in layers if layer.press is press])
         for layer in layers:
-            layer.compress()
+            if layer.needs_compression:
+                layer.compress()
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds, each once (layers may share one, e.g. a prefix's block table)."""
         distinct = {id(t): t for layer in self.layers for t in layer.tensors()}
         return list(distinct.values())
+
+
+def _compress_global(layers: list[KVPressLayer]) -> None:
+    """budget=global: each row keeps (its per-layer budget x kv heads x layers) tokens in all, chosen by score over
+    every layer and head at once (KVzip's allocation); each layer then stores its heads at their own lengths."""
+    budgets = layers[0]._row_budgets()
+    if max(budgets) >= layers[0].kv.length:
+        masks = [None] * len(layers)
+    else:
+        masks = layers[0].press.keep_masks([layer.ranked_scores() for layer in layers], budgets)
+    for layer, keep in zip(layers, masks):
+        layer.keep_per_head(keep)
 
 
 def _configured(layer: KVPressLayer, part: str) -> bool:

@@ -11,6 +11,7 @@ import torch
 
 from .kernels import KVStore
 from .paged.contiguous import ContiguousStore
+from .paged.ragged import RaggedStore
 from .quant.codec_base import KVCodec
 from .quant.full_precision import FullPrecisionCodec
 
@@ -125,6 +126,7 @@ class SegmentedKV:
         # fp sink slots: n_sink plus the batch's largest left padding (or leading filler slots after a press), so
         # that every row's first n_sink real tokens stay full precision, as in its batch-1 run
         self.n_sink = quant.n_sink if quant is not None else 0
+        self.pressed: PressedHeads | None = None  # a per-head compression's tokens (before every segment), or None
 
     @property
     def segments(self) -> list[Segment]:
@@ -153,7 +155,7 @@ class SegmentedKV:
         if self.quant is None:
             self.main.store.append({"k": k, "v": v})
             return
-        if not self.main.length and not self.window.length:  # sinks may still grow (never shrink)
+        if self.pressed is None and not self.main.length and not self.window.length:  # sinks may still grow
             self._set_sink_slots(max(self.n_sink, self.quant.n_sink + max_pad))
         n_sink = max(0, min(self.n_sink - self.sink.length, k.shape[2]))
         if n_sink:
@@ -236,6 +238,25 @@ class SegmentedKV:
                 parts.append(self.main.encode(k_all[:, :, sl], v_all[:, :, sl]))
         return {name: torch.cat([p[name] for p in parts], dim=2) for name in parts[0]}
 
+    def keep_per_head(self, keep: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        """Keep tokens keep (B, H, T) bool of the logical order, a different number per (row, head): they move to
+        `pressed` (each head at its own length: the bytes follow the tokens kept) and every segment empties; later
+        tokens are appended to the segments as usual. Quantized layers keep the same precision split as `keep`: each
+        head's first n_sink and last `residual` kept tokens in fp, the rest as codes (existing codes reused)."""
+        if self.quant is None:
+            self.pressed = PressedHeads(RaggedStore.build({"k": k_all, "v": v_all}, keep))
+        else:
+            rank = torch.cumsum(keep.to(torch.int32), dim=2) - 1
+            count = rank[:, :, -1:] + 1
+            in_fp = keep & ((rank < self.quant.n_sink) | (rank >= count - self.quant.residual))
+            fp = self.sink.codec
+            self.pressed = PressedHeads(RaggedStore.build(fp.encode(k_all, v_all), in_fp),
+                                        RaggedStore.build(self._quantized_candidates(k_all, v_all), keep & ~in_fp),
+                                        self.main.codec)
+            self._set_sink_slots(0)  # the sinks are in `pressed`
+        for seg in self.segments:
+            seg.store.clear()
+
     def evict_main(self, idx_main: torch.Tensor) -> None:
         """Decode-time eviction inside the quantized (or only) segment: keep tokens idx_main (B, H, K) of it."""
         self.main.store.compact(idx_main)
@@ -244,16 +265,62 @@ class SegmentedKV:
         for seg in self.segments:
             if seg.length:
                 seg.store.index_batch(rows)
-
-    def nbytes(self) -> int:
-        return sum(seg.store.nbytes() for seg in self.segments)
+        if self.pressed is not None:
+            self.pressed = self.pressed.index_batch(rows)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for seg in self.segments for t in seg.store.tensors()]
+        pressed = self.pressed.tensors() if self.pressed is not None else []
+        return [t for seg in self.segments for t in seg.store.tensors()] + pressed
 
     def clear(self) -> None:
         for seg in self.segments:
             seg.store.clear()
+        self.pressed = None
+
+
+class PressedHeads:
+    """What a per-head compression kept: fp tokens and (quantized layers) the codes of the rest, each a RaggedStore
+    with its own length per (row, kv head). Read-only; attended as stores with one kv head per row."""
+
+    def __init__(self, fp: RaggedStore, codes: RaggedStore | None = None, codec: KVCodec | None = None) -> None:
+        self.fp, self.codes, self.codec = fp, codes, codec
+
+    @property
+    def heads(self) -> int:
+        return self.fp.heads
+
+    def mean_tokens(self) -> float:
+        """Tokens held per (row, head), averaged."""
+        total = self.fp.total_tokens + (self.codes.total_tokens if self.codes is not None else 0)
+        return total / self.fp.lengths.shape[0]
+
+    def kernel_stores(self) -> list[KVStore]:
+        """The non-empty parts as KVStores of one kv head per (row, head) row (kernels/head_rows.py)."""
+        stores = []
+        if self.fp.total_tokens:
+            f = self.fp.fields
+            stores.append(KVStore(k=f["k"], v=f["v"], block_table=self.fp.block_table, kv_end=self.fp.lengths))
+        if self.codes is not None and self.codes.total_tokens:
+            f, codec = self.codes.fields, self.codec
+            k_rotation, v_rotation = codec.rotations(_head_dim(f["k"], codec.k_bits), f["k"].device)
+            stores.append(KVStore(k=f["k"], v=f["v"], block_table=self.codes.block_table, kv_end=self.codes.lengths,
+                                  k_bits=codec.k_bits, v_bits=codec.v_bits, k_scale=f.get("k_scale"),
+                                  k_zero=f.get("k_zero"), v_scale=f.get("v_scale"), v_zero=f.get("v_zero"),
+                                  k_group=codec.k_group, v_group=codec.v_group, k_rotation=k_rotation,
+                                  v_rotation=v_rotation))
+        return stores
+
+    def index_batch(self, rows: torch.Tensor) -> PressedHeads:
+        codes = self.codes.index_batch(rows) if self.codes is not None else None
+        return PressedHeads(self.fp.index_batch(rows), codes, self.codec)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.fp.tensors() + (self.codes.tensors() if self.codes is not None else [])
+
+
+def _head_dim(codes: torch.Tensor, bits: int) -> int:
+    """head_dim of a field of `bits`-bit codes (16: the field itself)."""
+    return codes.shape[-1] if bits == 16 else codes.shape[-1] * 8 // bits
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvpress.presses.head_budgets import BUDGET_MODES, keep_per_head, rank_scores
 from kvpress.presses.layer_budgets import LAYER_SCHEDULES, pyramid_shares
 from kvpress.presses.state import PressState, ScoringInputs
 from kvpress.presses.validation import check_non_negative_int, check_per_token_scores, check_valid_mask
@@ -50,10 +51,7 @@ def select_indices(
     if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 0 <= n_keep <= n_tokens:
         raise ValueError(f"n_keep must be an integer in [0, T={n_tokens}]; got {n_keep!r}")
 
-    finite_max = torch.finfo(torch.float32).max
-    ranked = torch.nan_to_num(scores.float(), nan=-finite_max, posinf=finite_max, neginf=-finite_max)
-    ranked = ranked.masked_fill(~valid[:, None, :], float("-inf"))
-    ranked = ranked.masked_fill(forced_keep_mask(valid, n_sink, recent)[:, None, :], float("inf"))
+    ranked = rank_scores(scores, valid, forced_keep_mask(valid, n_sink, recent))
     kept = torch.topk(ranked, n_keep, dim=-1, sorted=False).indices
     return torch.sort(kept, dim=-1).values.to(torch.int64)
 
@@ -68,6 +66,10 @@ class BasePress(ABC):
     linearly decreasing with depth as in PyramidKV; see layer_budget). `every`: with max_tokens, also bound the cache
     while decoding: a layer re-scores its stored tokens with this press's score and keeps its budget again as soon as
     it holds `every` tokens more than the budget, so it never holds more than max_tokens + every tokens.
+    `budget`: "uniform" (every kv head keeps the layer's budget), "adaptive" (the layer's total shared over its heads
+    by score, AdaKV) or "global" (one total over every pressed layer and head, KVzip's allocation); see
+    presses/head_budgets.py. Per-head budgets store each head at its own length (the bytes really shrink) and compress
+    the prompt once: later chunks are stored as they come.
     """
 
     compression_ratio: float = 0.0
@@ -76,6 +78,7 @@ class BasePress(ABC):
     recent: int = 0
     layers: str = "uniform"
     every: int | None = None
+    budget: str = "uniform"
 
     needs_attention_mass: ClassVar[bool] = False
     """True when score() needs the accumulated attention mass (the cache must then compute it during prefill)."""
@@ -109,6 +112,7 @@ class BasePress(ABC):
         """Validate `layers` and `every` (every needs max_tokens and a score a layer can recompute while decoding)."""
         if self.layers not in LAYER_SCHEDULES:
             raise ValueError(f"{name}: layers must be one of {LAYER_SCHEDULES}; got {self.layers!r}")
+        self._check_budget(name)
         if self.every is None:
             return
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -121,6 +125,35 @@ class BasePress(ABC):
             raise ValueError(f"{name} cannot re-score while decoding (its score needs the model, not only the "
                              f"layer's stored tokens), so every={self.every} is not supported; use max_tokens "
                              "alone (prompt compression only) or another press.")
+
+    def _check_budget(self, name: str) -> None:
+        """Validate `budget`: per-head budgets compress once, so no decode-time bound (every, H2O's max_tokens), and
+        `global` already shares one total over the layers (no `layers=pyramid` on top)."""
+        if self.budget not in BUDGET_MODES:
+            raise ValueError(f"{name}: budget must be one of {BUDGET_MODES}; got {self.budget!r}")
+        if self.budget == "uniform":
+            return
+        if self.every is not None or (self.needs_attention_mass and self.max_tokens is not None):
+            raise ValueError(f"{name}: budget={self.budget} stores each head at its own length and compresses the "
+                             "prompt once; it cannot also bound the cache while decoding (every / max_tokens with "
+                             "decode-time eviction). Use budget=uniform for that.")
+        if self.budget == "global" and self.layers != "uniform":
+            raise ValueError(f"{name}: budget=global shares one total over every layer and head by score; "
+                             f"layers={self.layers} would split it twice. Use one of them.")
+
+    @property
+    def per_head_budgets(self) -> bool:
+        """Whether heads keep different numbers of tokens (budget adaptive or global)."""
+        return self.budget != "uniform"
+
+    def keep_masks(self, ranked: list[torch.Tensor], budgets: list[int]) -> list[torch.Tensor]:
+        """Per-head selection: keep masks (B, Hkv, T) bool for rankings (B, Hkv, T) of one layer (adaptive) or of
+        every pressed layer (global), each row keeping budgets[b] x heads tokens in all (head_budgets.py)."""
+        return keep_per_head(ranked, budgets)
+
+    def rank(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, T) float32 ranking of scores: padding -inf, this press's forced sinks / recent tokens +inf."""
+        return rank_scores(scores, valid, forced_keep_mask(valid, self.n_sink, self.recent))
 
     @property
     def query_window(self) -> int:
@@ -187,6 +220,10 @@ class BasePress(ABC):
     def check_prefix_sharing(self) -> None:
         """Raise ValueError if this press cannot be used with a PrefixCache: a shared prefix's queries are never
         recomputed, so a press may only observe the last `query_window` prompt queries (never matched)."""
+        if self.per_head_budgets:
+            raise ValueError(f"prefix_cache cannot be combined with budget={self.budget}: per-head budgets store "
+                             "each head at its own length, and shared prefix pages hold every head's tokens. Use "
+                             "budget=uniform, or no prefix_cache.")
         if self.needs_attention_mass or self.max_tokens is not None:
             raise ValueError(
                 f"prefix_cache cannot be combined with {type(self).__name__}(needs_attention_mass="
