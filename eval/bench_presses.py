@@ -31,6 +31,7 @@ from kvpress.eval.tasks.generator import DEFAULT_LENGTHS, TASKS, make_tasks, sco
 from kvpress.hf_compat import cache_kwargs
 from kvpress.pipeline import compressed_context, split_prompt
 from kvpress.runner import GenerationReport, generate_with_report
+from press_plot import plot_accuracy_vs_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_TAG = "smollm2"
@@ -225,32 +226,13 @@ def planned_note(args: argparse.Namespace, n_records: int) -> list[str]:
 
 
 def plot(rows: list[dict], lengths: list[int], path: Path) -> None:
-    """Overall accuracy vs mean KV MiB, one panel per context length (with results), one point per press."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy vs KV bytes (fraction of a 16-bit cache), one line per press across its ratios, 95% intervals: one
+    file per context length with results (path, or path_<length>.png when several)."""
     lengths = [n for n in lengths if any(r["length"] == n and "overall" in r for r in rows)] or lengths[:1]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths) + 2, 4.5), squeeze=False)
-    presses = list(dict.fromkeys(r["press"] for r in rows))
-    markers = "*osD^vP<>Xph"
-    for ax, length in zip(axes[0], lengths):
-        for i, press in enumerate(presses):
-            row = next((r for r in rows if r["press"] == press and r["length"] == length and "overall" in r), None)
-            if row is not None:  # same colour and marker for a press in every panel; overlapping points stay visible
-                ax.scatter(row["nbytes"] / 2**20, 100 * row["overall"], color=f"C{i % 10}", marker=markers[i % 12],
-                           s=140 if press == FULL else 60, alpha=0.75, label=press)
-        ax.set(title=f"{length} tokens", xlabel="KV cache MiB (held after generation)", ylabel="accuracy %",
-               ylim=(-5, 105))
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: accuracy vs KV bytes per press")
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (5 * len(lengths) + 2), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    for length in lengths:
+        target = path if len(lengths) == 1 else path.with_name(f"{path.stem}_{length}{path.suffix}")
+        plot_accuracy_vs_bytes([r for r in rows if r["length"] == length], target,
+                               f"SmolLM2-135M-Instruct, {length} tokens: accuracy vs KV bytes")
 
 
 def save(records: list[dict], args: argparse.Namespace, command: str, paths: dict[str, Path]) -> list[dict]:

@@ -1,10 +1,10 @@
 """The evaluation sweep users want: every press x compression ratio x quantization on the default model, accuracy
 on the offline long-context tasks against KV bytes (the Pareto view).
 
-    python eval/sweep.py --ratios 0.5 0.75 0.9 --quants none int8-int4 --lengths 1024 --n 3
+    python eval/sweep.py --ratios 0.5 0.75 0.9 --quants none int8-int4 --lengths 2048 --n 20
 
 Runs eval/bench_presses.py once per quantization setting (progress bar, resumable), then writes
-eval/results/sweep.json (all aggregated rows) and eval/results/sweep.png (accuracy vs KV bytes, Pareto front).
+eval/results/sweep.json (all aggregated rows) and eval/results/sweep.png (accuracy vs KV bytes, one line per press across its ratios, 95% intervals).
 Ratio 0 is the full cache ("full").
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_presses  # noqa: E402
+from press_plot import plot_accuracy_vs_bytes  # noqa: E402
 
 PRESS_NAMES = ["snapkv", "h2o", "streaming", "knorm", "random"]
 
@@ -24,36 +25,10 @@ def press_grid(names: list[str], ratios: list[float]) -> list[str]:
     return ["full"] + [f"{name}:{ratio:g}" for name in names for ratio in ratios if ratio > 0]
 
 
-def pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both fewer bytes and higher accuracy."""
-    front = []
-    for i, (b, a) in enumerate(points):
-        if not any((b2 <= b and a2 >= a) and (b2, a2) != (b, a) for b2, a2 in points):
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    points = [(r["nbytes"] / 2**20, 100 * r["overall"]) for r in rows]
-    for r, (x, y) in zip(rows, points):
-        marker = "s" if r["quant"] else "o"
-        ax.scatter(x, y, marker=marker, color=f"C{PRESS_NAMES.index(r['press'].split(':')[0]) + 1}"
-                   if r["press"] != "full" else "black")
-        ax.annotate(f"{r['press']}{'+q' if r['quant'] else ''}", (x, y), fontsize=6)
-    front = pareto(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel("KV cache MiB (real tensor bytes)")
-    ax.set_ylabel("accuracy %")
-    ax.set_title("kvpress sweep: accuracy vs KV bytes (circles fp, squares int8-int4)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """One line per press (and quantization) across its ratios: accuracy vs bytes over a 16-bit cache (press_plot)."""
+    plot_accuracy_vs_bytes(rows, path, "kvpress sweep: accuracy vs KV bytes",
+                           suffix=lambda row: f" + {row['quant']}" if row.get("quant") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--quants", nargs="+", default=["none", "int8-int4"])
     parser.add_argument("--lengths", nargs="+", default=["2048"])
-    parser.add_argument("--n", default="3")
+    parser.add_argument("--n", default="20")  # at least 20 samples per point: 10-point differences visible
     parser.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue"])
     parser.add_argument("--threads", default="2")
     parser.add_argument("--out-dir", default="eval/results")
