@@ -60,7 +60,7 @@ def plot_accuracy_vs_bytes(rows: list[dict], path: Path, title: str, suffix=lamb
         points.sort()
         xs, ys, lows, highs, _ = zip(*points)
         ax.errorbar(xs, ys, yerr=([y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]),
-                    color=f"C{i % 10}", marker=markers[i % len(markers)], capsize=3, lw=1.5, label=family)
+                    color=plt.cm.tab20(i % 20), marker=markers[i % len(markers)], capsize=3, lw=1.5, label=family)
     for x, y, low, high, _ in full:
         ax.axhline(y, color="black", ls="--", lw=1, label=f"full cache ({x:.2f}x of fp16)")
         ax.axhspan(low, high, color="black", alpha=0.06)
