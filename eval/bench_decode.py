@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvpress
+from kvpress.hf_compat import cache_kwargs
 
 
 def llama3_8b_config(layers: int) -> LlamaConfig:
@@ -80,7 +81,7 @@ def run_one(model, name: str, batch: int, context: int, new_tokens: int, prefill
     base = torch.cuda.memory_allocated()
     try:
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                            max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
                            eos_token_id=None, pad_token_id=0,
                            prefill_chunk_size=prefill_chunk if prefill_chunk and prefill_chunk < context else None)

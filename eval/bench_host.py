@@ -35,6 +35,18 @@ def stub_triton_launches() -> None:
     JITFunction.run = lambda self, *args, **kwargs: None
 
 
+def cache_kw(model, cache) -> dict:
+    """{name: cache} for a forward call (kvpress.hf_compat.cache_kwargs: `cache=` on transformers >= 5.24, no
+    deprecation warning); measured trees from before that helper get the same rule from the forward's signature."""
+    try:
+        from kvpress.hf_compat import cache_kwargs
+    except ImportError:
+        import inspect
+
+        return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return cache_kwargs(model, cache)
+
+
 def step_us_per_layer(model, cache, prompt: int, steps: int, warmup: int) -> float:
     """Median wall time of one single-token forward after a `prompt`-token prefill, divided by the layer count
     (each variant's fastest repetition is reported: noise on a shared CPU only ever adds time)."""
@@ -42,12 +54,13 @@ def step_us_per_layer(model, cache, prompt: int, steps: int, warmup: int) -> flo
 
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     samples = []
+    kw = cache_kw(model, cache)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **kw, use_cache=True)
         token = ids[:, -1:]
         for _ in range(warmup + steps):
             start = time.perf_counter()
-            model(input_ids=token, past_key_values=cache, use_cache=True)
+            model(input_ids=token, **kw, use_cache=True)
             samples.append(time.perf_counter() - start)
     return statistics.median(samples[warmup:]) * 1e6 / model.config.num_hidden_layers
 

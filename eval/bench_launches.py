@@ -206,6 +206,18 @@ def instrumented(recorder: Recorder):
             AttentionInterface.register(name, real)
 
 
+def cache_kw(model, cache) -> dict:
+    """{name: cache} for a forward call (kvpress.hf_compat.cache_kwargs: `cache=` on transformers >= 5.24, no
+    deprecation warning); measured trees from before that helper get the same rule from the forward's signature."""
+    try:
+        from kvpress.hf_compat import cache_kwargs
+    except ImportError:
+        import inspect
+
+        return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return cache_kwargs(model, cache)
+
+
 def measure(variant: dict, prompt_len: int, steps: int, batch: int, pads: list[int], dtype: torch.dtype) -> dict:
     """Prefill, one warm-up decode step (compression happens there), then `steps` measured decode steps."""
     os.environ["KVPRESS_DECODE"] = variant.get("decode", "fused")  # read by trees before issue 12 only
@@ -221,14 +233,15 @@ def measure(variant: dict, prompt_len: int, steps: int, batch: int, pads: list[i
     mask = torch.ones_like(ids)
     for row, n in enumerate(pads[:batch]):
         mask[row, :n] = 0
+    kw = cache_kw(model, cache)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **kw)
         for step in range(steps + 1):
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             recorder = Recorder()
             with instrumented(recorder), recorder:
-                out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+                out = model(input_ids=token, attention_mask=mask, **kw)
             if step == 0:
                 totals, ops = Counter(), Counter()  # the first step compresses / evicts: not a steady step
                 continue

@@ -38,6 +38,7 @@ from kvpress.eval.tasks.haystack import paragraph_starts, read_window
 from kvpress.eval.tasks.scoring import score
 from kvpress.quant import QuantSpec
 from kvpress.runner import encode_prompt
+from kvpress.hf_compat import cache_kwargs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REFERENCE = "full"
@@ -181,13 +182,13 @@ def memory(name: str, cache, model) -> dict[str, Any]:
 def teacher_forced(model, cache, ids: torch.Tensor, prefix: int, name: str) -> dict[str, Any]:
     """Prefill ids[:, :prefix], then feed the remaining tokens one by one; float32 log-probs of every decode step."""
     t0 = time.perf_counter()
-    model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :prefix], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
     after_prefill = memory(name, cache, model)
     logprobs, step_s = [], []
     for i in tqdm(range(prefix, ids.shape[1] - 1), desc=f"  {name}", leave=False, mininterval=10):
         t0 = time.perf_counter()
-        out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True)
         step_s.append(time.perf_counter() - t0)
         logprobs.append(torch.log_softmax(out.logits[0, -1].float(), dim=-1))
     return {"logprobs": torch.stack(logprobs), "prefill_s": prefill_s, "step_s": step_s,
@@ -330,7 +331,7 @@ def theory_table(tokens: int = 256) -> list[dict[str, Any]]:
         for text in THEORY_SPECS:
             spec = replace(QuantSpec.parse(text), residual=0, n_sink=0)
             cache = kvpress.KVPressCache(config, quant=spec)
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             mem = kvpress_memory(cache)
             per = config.num_hidden_layers * config.num_key_value_heads * tokens
             quantized_bytes = sum(layer.kv.main.store.nbytes() for layer in cache.layers)
@@ -352,7 +353,7 @@ def needles(model, tok, args) -> dict[str, Any]:
         row = {"index": sample["index"], "answers": sample["answers"], "prompt_tokens": enc["input_ids"].shape[1]}
         for name, quant in ((REFERENCE, None), (DEFAULT_SPEC, DEFAULT_SPEC)):
             cache = kvpress.KVPressCache(model.config, quant=quant)
-            gen = model.generate(**enc, past_key_values=cache, max_new_tokens=args.niah_new, do_sample=False,
+            gen = model.generate(**enc, **cache_kwargs(model, cache), max_new_tokens=args.niah_new, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=tok.eos_token_id)
             text = tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             row[name] = {"prediction": text, "score": score(text, sample["answers"])}

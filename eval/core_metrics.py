@@ -51,6 +51,7 @@ import os, sys, json, torch
 sys.path.insert(0, os.getcwd())
 from transformers import AutoModelForCausalLM, LlamaConfig
 import kvpress
+from kvpress.hf_compat import cache_kwargs
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
@@ -58,10 +59,11 @@ model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eva
 model = kvpress.wrap(model, quant="int8-int4")
 ids = torch.randint(3, 128, (1, 300))
 cache = kvpress.KVPressCache(model.config, quant="int8-int4")
+cache_kw = cache_kwargs(model, cache)  # `cache=` or `past_key_values=`, resolved before the trace
 with torch.no_grad():
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **cache_kw, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    model(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm
+    model(input_ids=nxt, **cache_kw, use_cache=True)  # warm
     modules = set()
     root = os.path.join(os.getcwd(), "kvpress")
     def tracer(frame, event, arg):
@@ -75,7 +77,7 @@ with torch.no_grad():
         return orig_getitem(self, key)
     type(os.environ).__getitem__ = counting_getitem
     sys.setprofile(tracer)
-    model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    model(input_ids=nxt, **cache_kw, use_cache=True)
     sys.setprofile(None)
 print(json.dumps({"modules": sorted(modules), "env_reads_per_layer": env_reads[0] / config.num_hidden_layers}))
 """

@@ -59,7 +59,8 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
     (default: a fingerprint of sampled weights, computed once here, so two fine-tunes of one base never share KV).
     """
     head_dim = head_dim_of(model.config.get_text_config(decoder=True)) if hasattr(model, "config") else None
-    kv_config = resolve_config(press=press, quant=quant, paged=paged, head_dim=head_dim)
+    device = getattr(model, "device", None)  # the kernels' shape limits are checked for the device in use
+    kv_config = resolve_config(press=press, quant=quant, paged=paged, head_dim=head_dim, device=device)
     check_model(model, kv_config)
     if prefix_cache is not None:
         from .paged.prefix_cache import PrefixCache
@@ -98,7 +99,8 @@ def wrap(model, press: Any = None, quant: Any = None, paged: Any = False, prefix
             if given is not None:
                 raise ValueError("Pass press=/quant= or an explicit cache (past_key_values=), not both.")
             cfg = resolve_config(press=cfg.press if press is _UNSET else press,
-                                 quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged, head_dim=head_dim)
+                                 quant=cfg.quant if quant is _UNSET else quant, paged=cfg.paged, head_dim=head_dim,
+                                 device=getattr(model, "device", None))
             check_text_config(model.config.get_text_config(decoder=True), cfg)
         if isinstance(given, PagedKVCache) or (given is None and state["prefix_cache"] is not None):
             from .prefix import generate_with_prefix_cache

@@ -1,7 +1,7 @@
 """Parse what a user types (objects or strings such as "snapkv:0.5", "int8-int4", "true") into one KVConfig."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -36,9 +36,39 @@ def head_dim_of(text_config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
-def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, head_dim: int | None = None) -> KVConfig:
+def check_kernel_config(head_dim: int, quant: Any = None, device: Any = None) -> None:
+    """Refuse now, not at the first kernel call after the prefill, a head_dim or quantization the Triton kernels
+    cannot take (kernels/shapes.py: head_dim above 256, groups across the tile's halves / 2-bit quarters), when the
+    cache will run them: the kernel backend for `device` is Triton (CUDA, or Triton forced). `device` None (a
+    KVPressCache built from a config alone): CUDA when there is one."""
+    import torch
+
+    from .kernels import kernel_backend
+    from .kernels.shapes import check_kernel_shapes
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kernel_backend(torch.device(device)) != "triton":
+        return
+    codec = quant.build_codec() if quant is not None else None
+    fields = [] if codec is None else [("k", codec.k_bits, codec.k_group), ("v", codec.v_bits, codec.v_group)]
+    try:
+        check_kernel_shapes(head_dim, fields)
+    except ValueError as err:
+        try:  # the groups QuantSpec.fit would pick (they fit the kernels), when the head_dim itself is not the issue
+            nearest = replace(quant, adapt_groups=True).fit(head_dim)
+            check_kernel_shapes(head_dim, [("k", nearest.k_bits, nearest.k_group_size),
+                                           ("v", nearest.v_bits, nearest.group_size)])
+        except (ValueError, TypeError):
+            raise err from None
+        raise ValueError(f"{err}; the nearest spec they take is {str(nearest)!r}") from None
+
+
+def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, head_dim: int | None = None,
+                   device: Any = None) -> KVConfig:
     """Validate and normalise the three parts; raises ValueError before any work starts. With `head_dim`, the
-    quantization is fitted to it (QuantSpec.fit: default groups adapt, explicit ones that cannot fit raise)."""
+    quantization is fitted to it (QuantSpec.fit: default groups adapt, explicit ones that cannot fit raise) and the
+    shapes are checked against the kernels that will run on `device` (check_kernel_config)."""
     if isinstance(press, str) and press.strip().lower() in _FALSE:
         press = None
     if isinstance(quant, str) and quant.strip().lower() in _FALSE:
@@ -54,4 +84,6 @@ def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, hea
         if head_dim is not None:
             quant = quant.fit(head_dim)
     paged = parse_bool(paged, "paged")
+    if head_dim is not None:
+        check_kernel_config(head_dim, quant, device)
     return KVConfig(press=press, quant=quant, paged=paged)

@@ -5,18 +5,23 @@ from collections import Counter
 from typing import Any
 
 from .cache import KVPressCache
+from .config import head_dim_of
 from .paged.prefix_cache import PrefixCache, PrefixHit
 from .quant.spec import QuantSpec
 
 
-def shared_codes_spec(prefix_cache: PrefixCache) -> QuantSpec | None:
-    """The encoding whose codes `prefix_cache` keeps beside full precision (its `quant`), parsed; None if none."""
+def shared_codes_spec(prefix_cache: PrefixCache, head_dim: int | None = None) -> QuantSpec | None:
+    """The encoding whose codes `prefix_cache` keeps beside full precision (its `quant`), parsed and, for a model of
+    `head_dim`, fitted to it as wrap fits its `quant` (QuantSpec.fit: default groups adapt, so the pool's codes equal
+    a wrapped request's); None if none."""
     if prefix_cache.quant is None:
         return None
     try:
-        return QuantSpec.parse(prefix_cache.quant)
+        spec = QuantSpec.parse(prefix_cache.quant)
+        return spec if head_dim is None else spec.fit(head_dim)
     except ValueError as err:
-        raise ValueError(f"PrefixCache(quant={prefix_cache.quant!r}) is not a valid quantization: {err}") from None
+        raise ValueError(f"PrefixCache(quant={prefix_cache.quant!r}) is not a valid quantization"
+                         f"{'' if head_dim is None else f' for head_dim={head_dim}'}: {err}") from None
 
 
 def same_codes(a: QuantSpec | None, b: QuantSpec | None) -> bool:
@@ -35,7 +40,7 @@ class PagedKVCache(KVPressCache):
     def __init__(self, config, prefix_cache: PrefixCache, press: Any = None, quant: Any = None, **kwargs: Any) -> None:
         if not isinstance(prefix_cache, PrefixCache):
             raise ValueError(f"PagedKVCache needs a kvpress.PrefixCache, got {type(prefix_cache).__name__}.")
-        shared_codes_spec(prefix_cache)
+        shared_codes_spec(prefix_cache, head_dim_of(config.get_text_config(decoder=True)))
         super().__init__(config, press=press, quant=quant, paged=True, **kwargs)
         self.prefix_cache = prefix_cache
         self.row_pages: list[list[int]] = []  # per row: the shared pages it matched

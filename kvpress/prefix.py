@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .cache import KVPressCache
-from .config import KVConfig
+from .config import KVConfig, head_dim_of
 from .hf_compat import cache_kwargs, layer_types_and_kwargs
 from .paged.prefix_cache import PrefixCache, PrefixHit
 from .paged_cache import PagedKVCache, same_codes, shared_codes_spec
@@ -60,7 +60,7 @@ def weights_fingerprint(model, samples: int = FINGERPRINT_SAMPLES) -> str:
 def check_prefix_config(model, kv_config: KVConfig, prefix_cache: PrefixCache | None = None) -> None:
     """Reject what prefix sharing cannot reproduce exactly, before any work starts."""
     if prefix_cache is not None:
-        shared_codes_spec(prefix_cache)
+        shared_codes_spec(prefix_cache, head_dim_of(model.config.get_text_config(decoder=True)))
     if kv_config.press is not None:
         kv_config.press.check_prefix_sharing()
     layer_types, _ = layer_types_and_kwargs(model.config.get_text_config(decoder=True))
@@ -102,7 +102,8 @@ def generate_with_prefix_cache(model, generate_fn: Callable, prefix_cache: Prefi
             hits.append(prefix_cache.match(ns, row, limit=max(0, len(row) - max(1, window))))
         row_caches = [_prefill_row(model, prefix_cache, row, hit, kv_config.press) for row, hit in zip(rows, hits)]
         if compressed and width > 1:  # (a 1-token batch is an ordinary prefill of the configured cache)
-            codes = same_codes(kv_config.quant, shared_codes_spec(prefix_cache)) and kv_config.press is None
+            pool_spec = shared_codes_spec(prefix_cache, cache.head_dim)
+            codes = same_codes(kv_config.quant, pool_spec) and kv_config.press is None
             _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, kv_config.quant if codes else None)
         _assemble(cache, model.device, prefix_cache, row_caches, hits, pads, width)
         cache.record_hits(hits)
@@ -234,7 +235,7 @@ def _defer_encoding(cache, prefix_cache, row_caches, hits, pads, width, shared_q
 def _with_codes(prefix_cache, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add the codes of the PrefixCache's `quant` (computed exactly as a quantized cache computes them) to full-
     precision fields (H_kv, n, D), when it keeps codes."""
-    spec = shared_codes_spec(prefix_cache)
+    spec = shared_codes_spec(prefix_cache, fields["k"].shape[-1])
     if spec is None:
         return fields
     codes = spec.build_codec().encode(fields["k"], fields["v"])

@@ -7,12 +7,13 @@ from transformers import AutoModelForSeq2SeqLM, T5Config
 
 import kvpress
 from kvpress import default_model
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_model
 
 
 def _prefill(model, cache, ids, mask):
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_stats_bytes_are_the_tensors_held():
@@ -140,6 +141,6 @@ def test_crop_keeps_the_first_tokens_or_removes_from_the_end():
     assert [layer.get_seq_length() for layer in cache.layers] == [10, 10]
     assert cache.layers[1].keys.shape[2] == 10 and torch.equal(cache.layers[0].keys, keys[:, :, :10])
     with torch.no_grad():
-        continued = model(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True).logits
-        full = model(input_ids=ids, past_key_values=kvpress.KVPressCache(model.config), use_cache=True).logits
+        continued = model(input_ids=ids[:, 10:], **cache_kwargs(model, cache), use_cache=True).logits
+        full = model(input_ids=ids, **cache_kwargs(model, kvpress.KVPressCache(model.config)), use_cache=True).logits
     torch.testing.assert_close(continued, full[:, 10:], atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import torch
 
 import kvpress
 from kvpress.eval.tasks.haystack import read_window
+from kvpress.hf_compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,10 @@ def test_wrapped_default_model_matches_plain_on_2k_prompt(model_and_tok):
 
 def _teacher_forced(model, ids, n_prefix, cache):
     with torch.no_grad():
-        out = model(input_ids=ids[:, :n_prefix], past_key_values=cache)
+        out = model(input_ids=ids[:, :n_prefix], **cache_kwargs(model, cache))
         logits = [out.logits[:, -1]]
         for t in range(n_prefix, ids.shape[1] - 1):
-            logits.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+            logits.append(model(input_ids=ids[:, t : t + 1], **cache_kwargs(model, cache)).logits[:, -1])
     return torch.log_softmax(torch.stack(logits, 1).float(), -1)
 
 

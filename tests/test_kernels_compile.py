@@ -18,7 +18,7 @@ from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 def _compile_for_sm90() -> None:
     """Compile the multi-store kernel (one store and several) for a few store mixes (8/4/2-bit codes) and every addressing mode
     (contiguous, 16-token pages, 12-token pages), with the logit output (+ the mass kernel) and the causal chunk
-    mode (run as a script)."""
+    mode, and a padded head dim (96) (run as a script)."""
     from kvpress.kernels.compile_only import install_compile_only
 
     compiled = install_compile_only(90)
@@ -56,6 +56,15 @@ def _compile_for_sm90() -> None:
         if bounds_as_ints:  # the general paged path (page size no power of two: runtime division)
             paged12 = make_store([0, 1], [30, 17], 2, head_dim, 8, 4, head_dim, 32, torch.float32, 12, 5, device="cpu")
             decode_attention_multi_triton(q, (paged12,), 0.1)
+    # head_dim 96 (Phi-3): each half padded from 48 to a tile of 64, masked (kernels/shapes.py)
+    sink96 = make_store([0, 2], [4, 4], 2, 96, dtype=torch.float16, seed=8, device="cpu")
+    middle96 = make_store([0, 0], [40, 33], 2, 96, 8, 4, 96, 16, torch.float32, 16, 9, device="cpu")
+    int2_96 = make_store([0, 1], [40, 33], 2, 96, 2, 2, 8, 48, torch.float32, None, 10, device="cpu")
+    q96 = torch.randn(2, 8, 96).half()
+    decode_attention_multi_triton(q96, (sink96, middle96, int2_96), 0.1, out_dtype=torch.float16)
+    chunk96 = torch.randn(2, 2, 40, 96).half()
+    extend_attention_multi_triton(torch.randn(2, 8, 40, 96).half(),
+                                  (middle96, chunk_store(chunk96, chunk96, torch.tensor([0, 5]))), 0.1)
     compiled = [(name, len(kernel.asm["cubin"])) for name, kernel in compiled]
     names = {name for name, size in compiled if size > 0}
     assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_add_score_mass_kernel"} <= names, compiled

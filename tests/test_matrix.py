@@ -34,6 +34,7 @@ import kvpress
 from kvpress.config import head_dim_of
 from kvpress.presses.registry import parse_press
 from kvpress.quant.spec import QuantSpec
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import head_dim_model, tiny_model
 
 N_CASES = int(os.environ.get("KVPRESS_MATRIX_CASES", "120"))
@@ -284,7 +285,7 @@ def test_degenerate_scores_are_the_k_normed_models(arch, degenerate):
     try:
         kvpress.wrap(model)
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache)
+            model(input_ids=ids, **cache_kwargs(model, cache))
     finally:
         kvpress.unwrap(model)
     layer = next(layer for layer in cache.layers if not layer.is_sliding)

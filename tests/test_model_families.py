@@ -2,7 +2,7 @@
 exactly (all-sliding models with a press, chunked attention, softcapping, learned sinks) is refused at wrap."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama4TextConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GptOssConfig, Llama4TextConfig, LlamaConfig
 
 import kvpress
 from kvpress.quant.spec import QuantSpec
@@ -30,7 +30,8 @@ def test_default_quantization_generates_on_every_head_dim(head_dim, arch, quant)
 def test_default_groups_shrink_to_the_largest_fitting_power_of_two():
     assert QuantSpec.parse("int8-int4").fit(96).group_size == 16
     assert QuantSpec.parse("int8-int4").fit(80).group_size == 8
-    assert QuantSpec.parse("int8").fit(80).group_size == 16
+    assert QuantSpec.parse("int8").fit(80).group_size == 8  # 16 divides 80 but straddles the kernels' halves (40)
+    assert QuantSpec.parse("int2:rotnone").fit(96).group_size == 8  # 16 divides 48 but straddles a 2-bit quarter
     assert QuantSpec.parse("int8-int4:r16").fit(96).group_size == 16  # r/s options keep the default groups
     assert QuantSpec.parse("int8-int4").fit(128) == QuantSpec.parse("int8-int4")
 
@@ -47,6 +48,28 @@ def test_explicit_spec_that_cannot_fit_is_refused_before_any_work_naming_the_nea
     kvpress.wrap(model)
     with pytest.raises(ValueError, match="nearest valid spec"):  # a per-call override is checked the same way
         model.generate(input_ids=torch.tensor([[5, 6, 7]]), quant="int8-int4:g32", **GEN)
+
+
+def test_kernel_shape_limits_are_checked_at_wrap_when_the_kernels_run_on_triton():
+    """With the Triton backend (forced here; CUDA models get it), what the kernels cannot take is refused at wrap /
+    KVPressCache(...), before any work: 8-bit key groups of 32 straddle the two halves of head_dim 96, head_dim 320
+    is larger than the tiles. The reference backend (CPU) takes them."""
+    model = head_dim_model(96, "phi3")
+    with kvpress.kernels.use_backend("triton"):
+        with pytest.raises(ValueError, match="Triton kernels cannot run this cache: k_group: .*got 32.*nearest spec "
+                                             "they take is 'int8-int4:kg16:g16:r128:s4'"):
+            kvpress.wrap(model, quant="int8-int4:kg32:g16")
+        assert not kvpress.is_wrapped(model)
+        with pytest.raises(ValueError, match="Triton kernels cannot run this cache: k_group"):
+            kvpress.KVPressCache(model.config, quant="int8-int4:kg32:g16")
+        with pytest.raises(ValueError, match="head_dim 320 is larger than the 256"):
+            kvpress.KVPressCache(LlamaConfig(**COMMON, head_dim=320))
+        kvpress.wrap(model)  # the default spec fits the kernels too (g16 at head_dim 96)
+        with pytest.raises(ValueError, match="Triton kernels cannot run"):  # a per-call override is checked too
+            model.generate(input_ids=torch.tensor([[5, 6, 7]]), quant="int8-int4:kg32:g16", **GEN)
+    kvpress.wrap(model, quant="int8-int4:kg32:g16")  # on CPU the reference kernels take any group the codec takes
+    assert model.generate(input_ids=torch.tensor([[5, 6, 7]]), **GEN).shape == (1, 7)
+    kvpress.KVPressCache(LlamaConfig(**COMMON, head_dim=320))
 
 
 def test_all_sliding_model_refuses_a_press_or_quant_saying_why_and_runs_without():

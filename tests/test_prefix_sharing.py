@@ -159,6 +159,32 @@ def test_quantized_requests_read_the_shared_codes_in_place():
     prefix_cache.check_invariants()
 
 
+def test_prefix_cache_codes_adapt_to_head_dim_96_like_wraps_quant():
+    """PrefixCache(quant="int8-int4") on a head_dim-96 model (Phi-3): its default value group adapts (32 -> 16) as
+    wrap's does, so the pool's codes are the request's and are read in place; an explicit group that cannot fit is
+    refused at wrap."""
+    from tiny_models import head_dim_model
+
+    model = head_dim_model(96, "phi3")
+    spec = "int8-int4:r8:s2"  # default groups: g32 does not divide 96 / 2
+    g = torch.Generator().manual_seed(6)
+    doc = torch.randint(3, 128, (96,), generator=g).tolist()
+    ids = torch.tensor([doc + torch.randint(3, 128, (7,), generator=g).tolist() for _ in range(3)])
+    kvpress.wrap(model, quant=spec)
+    reference = model.generate(input_ids=ids, **GEN)
+    unshared = kvpress.last_generate_stats(model)
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=spec)
+    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant=spec)
+    model.generate(input_ids=ids[:1], **GEN)  # stores doc (full precision + codes in g16)
+    assert torch.equal(model.generate(input_ids=ids, **GEN), reference)
+    stats = kvpress.last_generate_stats(model)
+    assert stats["stored_tokens"] == unshared["stored_tokens"] - 93  # the shared codes were read in place
+    assert prefix_cache.pool.layers[0]["v_scale"].shape[-1] == 96 // 16
+    prefix_cache.check_invariants()
+    with pytest.raises(ValueError, match=r"PrefixCache\(quant='int8-int4:g32'\).*head_dim=96.*nearest valid spec"):
+        kvpress.wrap(model, paged=True, prefix_cache=kvpress.PrefixCache(max_tokens=64, quant="int8-int4:g32"))
+
+
 @pytest.mark.parametrize("compression,pool_quant", [COMPRESSION["quant-shared-codes"], COMPRESSION["snapkv"]],
                          ids=["quant-shared-codes", "snapkv"])
 def test_short_and_fully_cached_prompts_with_compression(compression, pool_quant):

@@ -7,6 +7,7 @@ import kvpress
 from kvpress.presses import KnormPress, SnapKVPress
 from kvpress.presses.layer_budgets import pyramid_shares
 from kvpress.presses.registry import parse_press
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_configs, tiny_model
 
 GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -50,7 +51,7 @@ def test_stored_tokens_per_layer_follow_the_schedule():
     press = SnapKVPress(compression_ratio=0.5, window_size=4, kernel_size=3, layers="pyramid")
     cache = kvpress.KVPressCache(model.config, press=press)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     cache.compress()
     stored = cache.stats()["stored_tokens_per_layer"]
     assert stored == [press.layer_budget(60, i, 6) for i in range(6)]

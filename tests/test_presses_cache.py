@@ -6,6 +6,7 @@ import torch
 
 import kvpress
 from kvpress.presses import H2OPress, KnormPress, SnapKVPress, StreamingLLMPress
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_model
 
 GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -34,7 +35,7 @@ def test_eviction_frees_memory_in_proportion(ratio):
     pressed = kvpress.KVPressCache(model.config, press=KnormPress(compression_ratio=ratio))
     with torch.no_grad():
         for cache in (full, pressed):
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     pressed.compress()
     kept = math.ceil((1 - ratio) * 40)
     assert pressed.stats()["stored_tokens_per_layer"] == [kept, kept]
@@ -48,7 +49,7 @@ def test_sinks_and_recent_window_are_kept():
     cache = kvpress.KVPressCache(model.config, press=press)
     keys_before = []
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     keys_before = [layer.keys.clone() for layer in cache.layers]
     cache.compress()
     for layer, before in zip(cache.layers, keys_before):
@@ -78,7 +79,7 @@ def test_h2o_mass_equals_full_attention_reference():
     model = kvpress.wrap(tiny_model("llama"))
     cache = kvpress.KVPressCache(model.config, press=H2OPress(compression_ratio=0.5))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     for layer, weights in zip(cache.layers, attn):
         weights = weights * mask[:, None, :, None]  # padding queries do not vote
         ref = weights.sum(dim=2).view(2, 2, 2, 20).sum(dim=2)  # (B, Hkv, T): over queries and the GQA group

@@ -7,6 +7,7 @@ import torch
 
 import kvpress
 from kvpress.presses import ScoringInputs, TOVAPress, parse_press
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_model
 
 GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -62,7 +63,7 @@ def test_cache_keeps_the_tokens_the_last_prompt_query_attends_to() -> None:
     ids, mask = left_padded_batch(batch=1, length=24, pads=(0,))
     cache = kvpress.KVPressCache(model.config, press=TOVAPress(compression_ratio=0.5, n_sink=2, recent=2))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     expected = []
     for layer in cache.layers:
         state = layer.press_state

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvpress
 from kvpress.quant import QuantSpec
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -22,7 +23,7 @@ def test_bytes_per_token_match_the_formula(head_dim, spec):
     cache = kvpress.KVPressCache(model.config, quant=spec)
     ids, mask = left_padded_batch(batch=1, length=50, pads=(0,))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
     per_token = cache.stats()["nbytes"] / (2 * 1 * 50)  # layers x kv heads x tokens
     expected = QuantSpec.parse(spec).bytes_per_token_head(head_dim)
     assert abs(per_token - expected) <= 0.03 * expected
@@ -33,7 +34,7 @@ def test_tokens_are_quantized_once():
     cache = kvpress.KVPressCache(model.config, quant="int8-int4:g8:r4:s2")
     ids, mask = left_padded_batch(batch=2, length=30, pads=(0, 5))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
         main = cache.layers[0].kv.main
         codes_before = {k: v.clone() for k, v in main.views().items()}
         model.generate(input_ids=torch.cat([ids, ids[:, :1]], 1), attention_mask=torch.cat([mask, mask[:, :1]], 1),
@@ -46,10 +47,10 @@ def test_tokens_are_quantized_once():
 
 def _teacher_forced_logprobs(model, ids, mask, cache, n_forced):
     with torch.no_grad():
-        out = model(input_ids=ids[:, :-n_forced], attention_mask=mask[:, :-n_forced], past_key_values=cache)
+        out = model(input_ids=ids[:, :-n_forced], attention_mask=mask[:, :-n_forced], **cache_kwargs(model, cache))
         logits = [out.logits[:, -1]]
         for t in range(ids.shape[1] - n_forced, ids.shape[1] - 1):
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(model, cache))
             logits.append(out.logits[:, -1])
     return torch.log_softmax(torch.stack(logits, 1).float(), -1)
 
@@ -90,9 +91,9 @@ def test_left_padded_rows_keep_their_first_tokens_in_full_precision(chunk):
     with torch.no_grad():
         for lo in range(0, 20, chunk or 20):
             hi = lo + (chunk or 20)
-            model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=batched,
+            model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], **cache_kwargs(model, batched),
                   position_ids=(mask[:, :hi].cumsum(-1) - 1).clamp(min=0)[:, lo:hi])
-        model(input_ids=ids[1:, 6:], past_key_values=single)
+        model(input_ids=ids[1:, 6:], **cache_kwargs(model, single))
     for layer_b, layer_s in zip(batched.layers, single.layers):
         assert layer_b.kv.sink.length == 2 + 6 and layer_s.kv.sink.length == 2
         for name in ("k", "v"):

@@ -13,6 +13,7 @@ from kvpress.kernels.rotation import hadamard_rotation
 from kvpress.kernels.store import KVStore
 from kvpress.quant import QuantSpec
 from kvpress.quant.affine import AffineCodec
+from kvpress.hf_compat import cache_kwargs
 
 
 @pytest.mark.parametrize("text, k_bits, v_bits, rotate, bytes64", [
@@ -137,9 +138,9 @@ def _decode_logprobs(model, spec, ids, steps):
     """Prefill ids[:, :-steps], then feed the rest one token at a time: (steps + 1, vocab) log-probs."""
     cache = kvpress.KVPressCache(model.config, quant=spec)
     with torch.no_grad():
-        out = [model(input_ids=ids[:, :-steps], past_key_values=cache).logits[:, -1]]
+        out = [model(input_ids=ids[:, :-steps], **cache_kwargs(model, cache)).logits[:, -1]]
         for i in range(ids.shape[1] - steps, ids.shape[1]):
-            out.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits[:, -1])
+            out.append(model(input_ids=ids[:, i : i + 1], **cache_kwargs(model, cache)).logits[:, -1])
     return torch.log_softmax(torch.cat(out).float(), -1), cache
 
 

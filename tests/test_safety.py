@@ -8,6 +8,7 @@ import torch
 import kvpress
 import kvpress.attention
 from kvpress.presses.knorm import KnormPress
+from kvpress.hf_compat import cache_kwargs
 from tiny_models import left_padded_batch, tiny_model
 
 GEN = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -67,7 +68,7 @@ def test_compress_that_raised_is_retried_not_dropped():
     flaky = kvpress.KVPressCache(model.config, press=FlakyKnorm(compression_ratio=0.5, failures=1))
     with torch.no_grad():
         for cache in (expected, flaky):
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
     expected.compress()
     with pytest.raises(Boom):
         flaky.compress()
@@ -165,6 +166,6 @@ def test_cache_left_mid_forward_refuses_reuse_until_reset(monkeypatch):
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN)
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="reset"):  # never attends a torn cache
-        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], **cache_kwargs(model, cache), use_cache=True)
     cache.reset()
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN), reference)

@@ -86,3 +86,32 @@ def test_kvpress_calls_do_not_use_the_deprecated_name():
         assert kvpress.last_generate_stats(model)["matched_tokens"] == [32, 32, 32]
     finally:
         kvpress.unwrap(model)
+
+
+def test_no_future_warning_from_wrapped_generate_or_a_forward_through_the_helper():
+    """Every FutureWarning is an error here (not only the cache name's): a wrapped generate (its own cache, and a
+    caller's under either name) and forwards that pass a cache through hf_compat.cache_kwargs, as the tests and
+    eval/ do."""
+    from transformers import DynamicCache
+
+    from kvpress.hf_compat import cache_kwargs
+
+    model = tiny_model("llama")
+    ids = torch.tensor(_prompts())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        plain = model(input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config))).logits
+        kvpress.wrap(model, quant="int8-int4:r4:s2")
+        try:
+            out = model.generate(input_ids=ids, **GEN)
+            for name in ("past_key_values", "cache"):
+                cache = kvpress.KVPressCache(model.config, quant="int8-int4:r4:s2")
+                assert torch.equal(model.generate(input_ids=ids, **{name: cache}, **GEN), out)
+            cache = kvpress.KVPressCache(model.config)
+            with torch.no_grad():
+                logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits
+                step = model(input_ids=ids[:, -1:], **cache_kwargs(model, cache), use_cache=True).logits
+        finally:
+            kvpress.unwrap(model)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1] + 1 and step.shape[1] == 1

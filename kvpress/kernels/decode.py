@@ -80,7 +80,8 @@ class OutputPointers(NamedTuple):
 @triton.jit
 def attend_split(
     io, store, b, kv_head, pid_m, start, end, split, num_splits, out_split, group, num_queries, qk_scale,
-    ENC: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
+    ENC: tl.constexpr, HALF: tl.constexpr, HALF_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCORES: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M query rows (tile pid_m of kv head `kv_head` of row b) over split `split` of `num_splits` of the row's
     tokens [start, end) (start <= end) of one store (`store`: StorePointers, ENC: StoreEncoding); the partial goes to
@@ -91,7 +92,9 @@ def attend_split(
     stops at the tile past its last query.
 
     Addressing (ENC.contiguous, ENC.page_shift: tile_loads.token_pages) is specialised at compile time; the per-row
-    and per-head parts of every field's address are computed once, before the tile loop."""
+    and per-head parts of every field's address are computed once, before the tile loop. Each half of the head dim
+    (HALF columns) is a tile of HALF_TILE >= HALF columns (a power of two): when they differ (head_dim 80, 96) the
+    columns past HALF are masked (q reads 0 there, nothing is stored); when equal no mask is compiled."""
     stride_qb, stride_qh, stride_qq, stride_qd = io.q_strides
     stride_kp, stride_kh, stride_ks, stride_kx = store.k_strides
     stride_ksp, stride_ksh, stride_kss, stride_ksg = store.k_scale_strides
@@ -101,10 +104,13 @@ def attend_split(
     row_mask = rows < group * num_queries
     heads = kv_head * group + rows // num_queries
     queries = rows % num_queries
-    cols = tl.arange(0, HALF)
+    cols = tl.arange(0, HALF_TILE)
+    io_mask = row_mask[:, None]
+    if HALF_TILE != HALF:  # padded head dim: the columns past HALF read 0 and are never stored
+        io_mask = io_mask & (cols < HALF)[None, :]
     q_rows = io.q + b * stride_qb + heads * stride_qh + queries * stride_qq
-    q_low = tl.load(q_rows[:, None] + cols[None, :] * stride_qd, mask=row_mask[:, None], other=0)
-    q_high = tl.load(q_rows[:, None] + (cols[None, :] + HALF) * stride_qd, mask=row_mask[:, None], other=0)
+    q_low = tl.load(q_rows[:, None] + cols[None, :] * stride_qd, mask=io_mask, other=0)
+    q_high = tl.load(q_rows[:, None] + (cols[None, :] + HALF) * stride_qd, mask=io_mask, other=0)
     q_low = q_low.to(ENC.dot_dtype)
     q_high = q_high.to(ENC.dot_dtype)
 
@@ -116,8 +122,8 @@ def attend_split(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_low = tl.zeros([BLOCK_M, HALF], tl.float32)
-    acc_high = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_low = tl.zeros([BLOCK_M, HALF_TILE], tl.float32)
+    acc_high = tl.zeros([BLOCK_M, HALF_TILE], tl.float32)
     table_row = b.to(tl.int64) * store.table_stride
     page0 = row_page(store.table, table_row, ENC.contiguous)  # the row's one page, or 0
     head = kv_head.to(tl.int64)
@@ -138,7 +144,7 @@ def attend_split(
         ks_rows = token_rows(page, slot, stride_ksp, stride_kss, ENC.contiguous, True)
         k_low, k_high = load_token_halves(
             k_base, ks_base, kz_base, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
-            HALF, ENC.k_bits, ENC.k_group, ENC.dot_dtype, ENC.fp16_codes,
+            HALF, HALF_TILE, ENC.k_bits, ENC.k_group, ENC.dot_dtype, ENC.fp16_codes,
         )  # fmt: skip
         scores = tl.dot(q_low, tl.trans(k_low), input_precision=ENC.precision)
         scores += tl.dot(q_high, tl.trans(k_high), input_precision=ENC.precision)
@@ -158,7 +164,7 @@ def attend_split(
         vs_rows = token_rows(page, slot, stride_vsp, stride_vss, ENC.contiguous, True)
         v_low, v_high = load_token_halves(
             v_base, vs_base, vz_base, v_rows, vs_rows, stride_vx, stride_vsg, token_mask,
-            HALF, ENC.v_bits, ENC.v_group, ENC.dot_dtype, ENC.fp16_codes,
+            HALF, HALF_TILE, ENC.v_bits, ENC.v_group, ENC.dot_dtype, ENC.fp16_codes,
         )  # fmt: skip
         probs = probs.to(ENC.dot_dtype)
         acc_low = acc_low * alpha[:, None] + tl.dot(probs, v_low, input_precision=ENC.precision)
@@ -171,8 +177,8 @@ def attend_split(
     stride_ob, stride_oh, stride_oq, stride_osplit, stride_od = io.out_strides
     stride_lb, stride_lh, stride_lq, stride_lsplit = io.lse_strides
     o_rows = io.out + b * stride_ob + heads * stride_oh + queries * stride_oq + out_split * stride_osplit
-    tl.store(o_rows[:, None] + cols[None, :] * stride_od, acc_low * inv_l[:, None], mask=row_mask[:, None])
-    tl.store(o_rows[:, None] + (cols[None, :] + HALF) * stride_od, acc_high * inv_l[:, None], mask=row_mask[:, None])
+    tl.store(o_rows[:, None] + cols[None, :] * stride_od, acc_low * inv_l[:, None], mask=io_mask)
+    tl.store(o_rows[:, None] + (cols[None, :] + HALF) * stride_od, acc_high * inv_l[:, None], mask=io_mask)
     l_rows = io.lse + b * stride_lb + heads * stride_lh + queries * stride_lq + out_split * stride_lsplit
     tl.store(l_rows, lse, mask=row_mask)
 
@@ -180,9 +186,11 @@ def attend_split(
 @triton.jit
 def _combine_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """One program per query row: log-sum-exp merge of its contiguous (splits, D) partials into (D,) and lse."""
+    """One program per query row: log-sum-exp merge of its contiguous (splits, D) partials into (D,) and lse. The
+    head dim is a tile of BLOCK_D (a power of two >= HEAD_DIM): the columns past HEAD_DIM are masked (no mask is
+    compiled when they are equal)."""
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     split_mask = splits < num_splits
@@ -191,14 +199,19 @@ def _combine_splits_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     weights = tl.exp(part_lse - m_safe)
     total = tl.sum(weights, 0)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
+    part_mask = split_mask[:, None]
+    dim_mask = None
+    if BLOCK_D != HEAD_DIM:
+        dim_mask = dims < HEAD_DIM
+        part_mask = part_mask & dim_mask[None, :]
     parts = tl.load(
         part_out_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
-        mask=split_mask[:, None],
+        mask=part_mask,
         other=0.0,
     )
     merged = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + dims, merged)
+    tl.store(out_ptr + row * HEAD_DIM + dims, merged, mask=dim_mask)
     tl.store(lse_ptr + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
@@ -230,19 +243,11 @@ def dot_operand_type(q: torch.Tensor, fields: list[tuple[torch.Tensor, int]]) ->
     return (tl.bfloat16, "tf32", False) if q.is_cuda else (tl.float32, "ieee", False)
 
 
-def check_triton_head_dim(head_dim: int) -> None:
-    """The Triton kernels tile each half of the head dim as one power-of-two block of at least 16."""
-    half = head_dim // 2
-    if half < 16 or half & (half - 1):
-        raise ValueError(
-            f"Triton kernels need head_dim a power of two >= 32; got {head_dim} (use the reference backend)"
-        )
-
-
 def combine_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge contiguous split partials (..., splits, D) / (..., splits) into contiguous out (..., D) / lse (...)
     with one launch of the combine kernel (one program per query row)."""
     splits, head_dim = part_out.shape[-2:]
     _combine_splits_kernel[(lse.numel(),)](
-        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(splits), num_warps=4
+        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+        BLOCK_S=next_power_of_2(splits), num_warps=4,
     )

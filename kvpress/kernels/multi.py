@@ -21,12 +21,12 @@ from kvpress.kernels.decode import (
     StorePointers,
     _target_programs,
     attend_split,
-    check_triton_head_dim,
     combine_splits,
     dot_operand_type,
 )
 from kvpress.kernels.launch_plans import LaunchPlan, find_plan, plan_key, remember_plan
 from kvpress.kernels.rotation import attend_rotated, has_rotations
+from kvpress.kernels.shapes import check_kernel_shapes, half_tile
 from kvpress.kernels.store import (
     MAX_STORES,
     KVStore,
@@ -61,13 +61,14 @@ def _multi_split_attention_kernel(
     io, stores, kv_heads, group, num_queries, qk_scale,
     start0, end0, split_end0, start1, end1, split_end1, start2, end2, split_end2,
     start3, end3, split_end3, start4, end4, split_end4,
-    NUM_STORES: tl.constexpr, ENCODINGS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
+    NUM_STORES: tl.constexpr, ENCODINGS: tl.constexpr, HALF: tl.constexpr, HALF_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one kv head over one split of one store. Store s (stores[s]:
     StorePointers, ENCODINGS[s]: StoreEncoding) owns grid splits [split_end{s-1}, split_end{s}) (split_end{-1} = 0)
     and attends each row's tokens [start{s}, end{s}) (start clamped into [0, end]); slots >= NUM_STORES are never
-    compiled. SCORES: decode programs also store their logits (see attend_split)."""
+    compiled. SCORES: decode programs also store their logits (see attend_split). HALF_TILE: the power-of-two tile
+    of each half of the head dim (HALF columns; shapes.half_tile)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,7 +87,7 @@ def _multi_split_attention_kernel(
             lo = tl.minimum(tl.maximum(_row_bound(starts[s], b, ENCODINGS[s].start_per_row), 0), hi)
             attend_split(
                 io, stores[s], b, kv_head, pid_m, lo, hi, split - first, split_ends[s] - first, split,
-                group, num_queries, qk_scale, ENCODINGS[s], HALF, BLOCK_M, BLOCK_N, SCORES,
+                group, num_queries, qk_scale, ENCODINGS[s], HALF, HALF_TILE, BLOCK_M, BLOCK_N, SCORES,
             )  # fmt: skip
 
 
@@ -138,7 +139,9 @@ def _new_plan(key, q, stores, sm_scale, num_splits, scores, score_offsets) -> La
     geos = check_stores(q, stores)
     check_score_args(q, stores, scores, score_offsets)
     geo = geos[0]
-    check_triton_head_dim(geo.head_dim)
+    check_kernel_shapes(geo.head_dim, [(f"store {i} {name}", bits, group) for i, (s, g) in enumerate(zip(stores, geos))
+                                       for name, bits, group in (("k", s.k_bits, g.k_group),
+                                                                 ("v", s.v_bits, g.v_group))])  # fmt: skip
     batch, q_heads, num_queries, head_dim = q.shape
     block_m, block_n, m_tiles = multi_tiles(geo.group * num_queries, head_dim)
     if num_splits is None:
@@ -164,8 +167,9 @@ def _new_plan(key, q, stores, sm_scale, num_splits, scores, score_offsets) -> La
         shared=(geo.kv_heads, geo.group, num_queries, sm_scale * LOG2E), out_strides=out_strides,
         lse_strides=lse_strides,
         constexprs={"NUM_STORES": len(stores),
-                    "ENCODINGS": tuple(_store_encoding(s, g, q) for s, g in zip(stores, geos)), "HALF": head_dim // 2,
-                    "BLOCK_M": block_m, "BLOCK_N": block_n, "SCORES": scores is not None},
+                    "ENCODINGS": tuple(_store_encoding(s, g, q) for s, g in zip(stores, geos)),
+                    "HALF": head_dim // 2, "HALF_TILE": half_tile(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
+                    "SCORES": scores is not None},
         grid=(batch * geo.kv_heads, m_tiles, total), num_warps=4 if block_m * head_dim <= 64 * 128 else 8,
         total_splits=total,
     ))  # fmt: skip

@@ -138,7 +138,8 @@ if triton is not None:
     ):
         # One program: BLOCK_N tokens of one (row, head). Head_dim is seen as PARTS parts of PART_WIDTH
         # elements (four quarters for 2-bit, two halves for 4-bit, one part for 8-bit), each padded to PART_PAD
-        # lanes. A group spans whole parts only when nothing is padded (GROUPS_PER_PART = 1 then).
+        # lanes. A group lies in one part (GROUPS_PER_PART of them, PAD_GROUPS_PER_PART with the padding) or spans
+        # whole padded parts (GROUPS_PER_PART = 1 then); padding lanes never count in a group's min / max.
         row_head = tl.program_id(0)
         row = (row_head // n_heads).to(tl.int64)
         head = row_head % n_heads
@@ -228,13 +229,12 @@ def quantize_store_triton(
     parts = 8 // bits
     part_width = head_dim // parts
     part_pad = triton.next_power_of_2(part_width)
-    one_group = group == head_dim
-    if not one_group and group & (group - 1):
-        raise ValueError(f"the Triton kernel needs a power-of-two group_size, got {group}")
-    spanning = not one_group and group > part_width  # 2-bit groups over several quarters
-    if spanning and part_pad != part_width:
-        raise ValueError(f"the Triton kernel needs groups within a quarter of head_dim={head_dim} for 2-bit codes "
-                         f"(or a power-of-two head_dim); got group {group} (use quantize_store_reference)")
+    spanning = group % part_width == 0  # whole parts (the whole head; 2-bit: two quarters), each padded
+    if not spanning and (part_width % group or group & (group - 1)):
+        part = {2: "quarter", 4: "half"}.get(bits, "head")
+        raise ValueError(f"the Triton kernel needs a {bits}-bit group that is a power of two dividing the {part} of "
+                         f"head_dim={head_dim} ({part_width}) or whole {part}s; got {group} "
+                         "(use quantize_store_reference)")
     block_n = min(16, triton.next_power_of_2(n_tokens))
     grid = (batch * heads, triton.cdiv(n_tokens, block_n))
     _quantize_store_kernel[grid](
@@ -242,9 +242,9 @@ def quantize_store_triton(
         n_tokens, heads, q_out.shape[2],
         *x.stride(), *q_out.stride(), *scale_out.stride(), *zero_out.stride(), *block_table.stride(),
         LEVELS=2**bits, PARTS=parts, PART_WIDTH=part_width, PART_PAD=part_pad,
-        GROUP=parts * part_pad if one_group else group,
-        GROUPS_PER_PART=1 if one_group or spanning else part_width // group,
-        PAD_GROUPS_PER_PART=1 if one_group or spanning else part_pad // group,
+        GROUP=group // part_width * part_pad if spanning else group,
+        GROUPS_PER_PART=1 if spanning else part_width // group,
+        PAD_GROUPS_PER_PART=1 if spanning else part_pad // group,
         BLOCK_N=block_n,
         enable_fp_fusion=False,  # keep every mul and add separately rounded, like torch
     )

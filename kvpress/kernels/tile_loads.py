@@ -7,10 +7,11 @@ from kvpress.kernels.triton_compat import tl, triton
 @triton.jit
 def _apply_group_affine(
     codes, scale_ptr, zero_ptr, scale_row_offsets, half_index, stride_g, token_mask,
-    HALF: tl.constexpr, GROUP: tl.constexpr,
+    HALF: tl.constexpr, HALF_TILE: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF) half: loads each token's few group
-    scales once and broadcasts them over their group (a group spans one half, or the whole head)."""
+    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF_TILE) half: loads each token's few group
+    scales once and broadcasts them over their group (a group spans one half, or the whole head). Groups within a
+    half tile the padded half (HALF_TILE) too: the padding groups' scales read 0."""
     if GROUP >= 2 * HALF:  # one group per token
         scale = tl.load(scale_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
         zero = tl.load(zero_ptr + scale_row_offsets, mask=token_mask, other=0).to(codes.dtype)
@@ -21,13 +22,17 @@ def _apply_group_affine(
         zero = tl.load(zero_ptr + offsets, mask=token_mask, other=0).to(codes.dtype)
         result = codes * scale[:, None] + zero[:, None]
     else:
-        GROUPS: tl.constexpr = HALF // GROUP
-        groups = half_index * GROUPS + tl.arange(0, GROUPS)
-        offsets = scale_row_offsets[:, None] + groups[None, :] * stride_g
-        scale = tl.load(scale_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
-        zero = tl.load(zero_ptr + offsets, mask=token_mask[:, None], other=0).to(codes.dtype)
+        GROUPS: tl.constexpr = HALF_TILE // GROUP  # groups of the tile
+        REAL_GROUPS: tl.constexpr = HALF // GROUP  # groups of the half (fewer when the half is padded)
+        group_ids = tl.arange(0, GROUPS)
+        offsets = scale_row_offsets[:, None] + (half_index * REAL_GROUPS + group_ids)[None, :] * stride_g
+        scale_mask = token_mask[:, None]
+        if GROUPS != REAL_GROUPS:
+            scale_mask = scale_mask & (group_ids < REAL_GROUPS)[None, :]
+        scale = tl.load(scale_ptr + offsets, mask=scale_mask, other=0).to(codes.dtype)
+        zero = tl.load(zero_ptr + offsets, mask=scale_mask, other=0).to(codes.dtype)
         grouped = tl.reshape(codes, (codes.shape[0], GROUPS, GROUP))
-        result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF))
+        result = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], (codes.shape[0], HALF_TILE))
     return result
 
 
@@ -42,15 +47,19 @@ def _fp16_from_codes(codes):
 @triton.jit
 def load_token_halves(
     base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
-    HALF: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr, FP16_CODES: tl.constexpr,
+    HALF: tl.constexpr, HALF_TILE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr,
+    FP16_CODES: tl.constexpr,
 ):  # fmt: skip
-    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF) half-vectors of dtype COMPUTE.
+    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF_TILE) half-vectors of dtype COMPUTE
+    (HALF real columns each; padding columns, when HALF_TILE > HALF, are masked: finite values, never used).
 
     FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
     loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
     """
-    cols = tl.arange(0, HALF)
+    cols = tl.arange(0, HALF_TILE)
     mask = token_mask[:, None]
+    if HALF_TILE != HALF:  # padded head dim: no load past a half's HALF columns
+        mask = mask & (cols < HALF)[None, :]
     if BITS == 4:
         packed = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
         low = packed & 15
@@ -58,7 +67,10 @@ def load_token_halves(
     elif BITS == 2:  # split quarters: column c of a half is byte c % QUARTER, bits 2 * (c // QUARTER) (+ 4: high)
         QUARTER: tl.constexpr = HALF // 2
         packed = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] % QUARTER) * stride_x, mask=mask, other=0)
-        shift = ((cols // QUARTER) * 2).to(tl.uint8)[None, :]
+        quarter = cols // QUARTER
+        if HALF_TILE != HALF:  # padding columns: keep the shifts below 8 (their bytes read 0)
+            quarter = tl.minimum(quarter, 1)
+        shift = (quarter * 2).to(tl.uint8)[None, :]
         low = (packed >> shift) & 3
         high = (packed >> (shift + 4)) & 3
     else:
@@ -74,8 +86,10 @@ def load_token_halves(
         else:
             low = low.to(tl.float32)
             high = high.to(tl.float32)
-        low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF, GROUP)
-        high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF, GROUP)
+        low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF,
+                                  HALF_TILE, GROUP)  # fmt: skip
+        high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF,
+                                   HALF_TILE, GROUP)  # fmt: skip
         low = low.to(COMPUTE)
         high = high.to(COMPUTE)
     return low, high

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from ..kernels.shapes import group_problem
 from .codec_base import KVCodec
 from .registry import CODECS, DEFAULT_CODEC, codec_class
 
@@ -50,13 +51,15 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def _fitting_group(head_dim: int, bits: int, group: int | None) -> int | None:
-    """The largest power of two <= `group` that tiles head_dim for `bits`-bit codes (4-bit: divides head_dim/2),
-    else None (one group of head_dim); None stays None."""
+    """The largest power of two <= `group` that tiles head_dim for `bits`-bit codes (8-bit: divides head_dim, 4- and
+    2-bit: head_dim/2) and that the Triton kernels read too (kernels/shapes.group_problem: within one half of the
+    head, 2-bit within one quarter), else None (one group of head_dim); None stays None. Power-of-two head dims
+    get the same groups either way; head_dim 96 gets g16 (int4, int8) and g8 (int2)."""
     if group is None or group == head_dim:
         return group
     span = head_dim // 2 if bits < 8 else head_dim
     size = group
-    while size > 1 and span % size:
+    while size > 1 and (span % size or group_problem(head_dim, bits, size) is not None):
         size //= 2
     return size if size > 1 and span % size == 0 else None
 
