@@ -1,11 +1,12 @@
 """Where a press loses the needle: for each layer, the share of kv heads that still hold every token of the answer
-after a query-agnostic compression of the context, next to whether the model then answered.
+after the compression (query-agnostic: of the context; aware: of the whole prompt), next to whether the model then
+answered.
 
     python eval/needle_retention.py --presses kvzip:0.75 kvzip:0.75:budget=global --n 5 --length 2048
 
 Writes eval/results/needle_retention_<tag>.json and .md. The kept tokens are read from the press's own selection
-(BasePress.select per layer and row, keep_masks for per-head budgets), recorded while bench_presses' agnostic
-protocol runs, so the numbers describe exactly the runs that were scored.
+(BasePress.select per layer and row, keep_masks for per-head budgets), recorded while bench_presses.run_one
+runs, so the numbers describe exactly the runs that were scored.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_presses  # noqa: E402
 
 import kvpress  # noqa: E402
-from kvpress.eval.tasks.generator import make_tasks, score  # noqa: E402
+from kvpress.eval.tasks.generator import make_tasks  # noqa: E402
 from kvpress.pipeline import split_prompt  # noqa: E402
 from kvpress.presses.base import BasePress  # noqa: E402
 
@@ -82,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--task", default="niah_single")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--protocol", choices=("agnostic", "aware"), default="agnostic")
     parser.add_argument("--tag", default="issue15")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = kvpress.load_default_model()
     model = kvpress.wrap(model)
-    bench_args = bench_presses.parse_args(["--protocol", "agnostic", "--threads", str(args.threads)])
+    bench_args = bench_presses.parse_args(["--protocol", args.protocol, "--threads", str(args.threads)])
     samples = make_tasks(args.task, args.n, args.length, tokenizer=tok)
     records = []
     for sample in tqdm(samples, desc="samples"):
@@ -96,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                                    [sample["question"]])[0].shape[1]
         for spec in args.presses:
             with SelectionRecorder() as recorder:
-                report = bench_presses.answer_after_compression(model, tok, sample, spec, bench_args)
+                record = bench_presses.run_one(model, tok, sample, spec, bench_args)
+            if "error" in record:
+                raise RuntimeError(record["error"])
             context_masks = [m[0, :, :context_len] for m in recorder.masks[: model.config.num_hidden_layers]]
             held = [float(m[:, positions].all(dim=1).float().mean()) for m in context_masks]
             records.append({"press": spec, "index": sample["index"], "answer_tokens": positions,
-                            "score": score(report.answer, sample["answers"]), "heads_holding_answer": held})
+                            "score": record["score"], "heads_holding_answer": held})
     rows = []
     for spec in args.presses:
         group = [r for r in records if r["press"] == spec]
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(__file__).resolve().parent / "results" / f"needle_retention_{args.tag}"
     command = "python eval/needle_retention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "records": records}, indent=1))
-    lines = [f"# Needle retention per layer ({args.task}, {args.length} tokens, n={args.n}, query-agnostic)", "",
+    lines = [f"# Needle retention per layer ({args.task}, {args.length} tokens, n={args.n}, {args.protocol})", "",
              f"`{command}`", "", "Share of kv heads holding every answer token after compression, per layer "
              "(layer 0 first), and accuracy.", "", "| press | accuracy | per layer |", "|---|---|---|"]
     for row in rows:
