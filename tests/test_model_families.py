@@ -12,7 +12,7 @@ GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 @pytest.mark.parametrize("head_dim,arch", [(64, "llama"), (80, "llama"), (96, "phi3"), (128, "llama"), (256, "llama")])
-@pytest.mark.parametrize("quant", ["int8-int4", "int4", "int8"])
+@pytest.mark.parametrize("quant", ["int8-int4", "int4", "int8", "int4-int2", "int2-int2"])
 def test_default_quantization_generates_on_every_head_dim(head_dim, arch, quant):
     model = kvpress.wrap(head_dim_model(head_dim, arch), quant=quant)
     ids = torch.randint(3, 128, (2, 205), generator=torch.Generator().manual_seed(head_dim))
@@ -34,6 +34,16 @@ def test_default_groups_shrink_to_the_largest_fitting_power_of_two():
     assert QuantSpec.parse("int2:rotnone").fit(96).group_size == 8  # 16 divides 48 but straddles a 2-bit quarter
     assert QuantSpec.parse("int8-int4:r16").fit(96).group_size == 16  # r/s options keep the default groups
     assert QuantSpec.parse("int8-int4").fit(128) == QuantSpec.parse("int8-int4")
+
+
+def test_default_rotation_is_dropped_where_no_hadamard_exists_and_an_explicit_one_is_refused():
+    assert QuantSpec.parse("int4-int2").fit(96).rotate == "none"  # the 2-bit specs rotate by default
+    assert QuantSpec.parse("int4-int2").fit(128).rotate == "kv"
+    model = head_dim_model(96, "phi3")
+    with pytest.raises(ValueError, match=r"power-of-two head_dim.*nearest valid spec is 'int4-int2:kgnone:g8.*rotnone'"):
+        kvpress.wrap(model, quant="int4-int2:rotkv")
+    with pytest.raises(ValueError, match="Hadamard"):
+        kvpress.KVPressCache(model.config, quant="int8-int4:rotk")
 
 
 def test_explicit_spec_that_cannot_fit_is_refused_before_any_work_naming_the_nearest_valid_spec():

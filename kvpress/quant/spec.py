@@ -72,7 +72,9 @@ class QuantSpec:
     (`rotate`: "none", "k", "v", "kv"; None = default_rotation(bits)).
 
     `adapt_groups` (not part of equality): the group sizes are defaults nobody asked for (a string without g/kg
-    options, or None), so `fit(head_dim)` shrinks them to fit the model; explicit ones are checked, never changed."""
+    options, or None), so `fit(head_dim)` shrinks them to fit the model; explicit ones are checked, never changed.
+    `adapt_rotation` (not part of equality): likewise for a default rotation (no rot option): `fit` drops it where the
+    Hadamard transform does not exist (head_dim not a power of two, e.g. 80 or 96); an explicit one raises there."""
 
     k_bits: int = 8
     v_bits: int = 4
@@ -83,10 +85,12 @@ class QuantSpec:
     codec: str = DEFAULT_CODEC
     rotate: str | None = None
     adapt_groups: bool = field(default=False, compare=False)
+    adapt_rotation: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rotate is None:  # frozen: the default is resolved once, here
             object.__setattr__(self, "rotate", default_rotation(self.k_bits, self.v_bits))
+            object.__setattr__(self, "adapt_rotation", True)
         if self.rotate not in ROTATIONS:
             raise ValueError(f"QuantSpec.rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         try:
@@ -142,7 +146,7 @@ class QuantSpec:
                 if raw not in ROTATIONS:
                     raise ValueError(f"option {option!r} must be rotk, rotv, rotkv or rotnone; accepted: "
                                      f"{accepted_forms()}")
-                result = replace(result, rotate=raw)
+                result = replace(result, rotate=raw, adapt_rotation=False)
                 continue
             if not raw.isdigit() and raw != "none":
                 raise ValueError(f"unknown option {option!r} in quantization spec {spec!r}; accepted: {accepted_forms()}")
@@ -173,7 +177,15 @@ class QuantSpec:
         fits (one group if none does), so head_dim 64 and 128 keep the defaults; explicit groups that do not fit raise
         a ValueError naming the nearest valid spec string."""
         fitted = replace(self, k_group_size=_fitting_group(head_dim, self.k_bits, self.k_group_size),
-                         group_size=_fitting_group(head_dim, self.v_bits, self.group_size), adapt_groups=False)
+                         group_size=_fitting_group(head_dim, self.v_bits, self.group_size), adapt_groups=False,
+                         adapt_rotation=False)
+        if not _is_power_of_two(head_dim) and self.rotate != "none":  # no Hadamard transform of this size
+            fitted = replace(fitted, rotate="none")
+            if not self.adapt_rotation:
+                raise ValueError(f"quantization spec {str(self)!r} rotates with a Hadamard transform, which needs a "
+                                 f"power-of-two head_dim; this model's is {head_dim}. The nearest valid spec is "
+                                 f"{str(fitted)!r} (or leave the rot option out to let kvpress pick).")
+            self = replace(self, rotate="none", adapt_rotation=False)  # a default nobody asked for: dropped
         if self.adapt_groups:
             fitted.check_head_dim(head_dim)
             return fitted
