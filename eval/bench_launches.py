@@ -59,6 +59,7 @@ import kvpress
 import kvpress.attention
 import kvpress.segments
 from kvpress.cache import KVPressLayer
+from bench_host import cache_kw  # the forward's cache keyword on this tree's transformers (and older trees)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "launches.json"
 H100_TARGET_PROGRAMS = 8 * 132  # what the Triton launchers aim for on an H100 SXM (kernels.decode._target_programs)
@@ -204,18 +205,6 @@ def instrumented(recorder: Recorder):
             setattr(owner, attr, real)
         for name, real in functions.items():
             AttentionInterface.register(name, real)
-
-
-def cache_kw(model, cache) -> dict:
-    """{name: cache} for a forward call (kvpress.hf_compat.cache_kwargs: `cache=` on transformers >= 5.24, no
-    deprecation warning); measured trees from before that helper get the same rule from the forward's signature."""
-    try:
-        from kvpress.hf_compat import cache_kwargs
-    except ImportError:
-        import inspect
-
-        return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-    return cache_kwargs(model, cache)
 
 
 def measure(variant: dict, prompt_len: int, steps: int, batch: int, pads: list[int], dtype: torch.dtype) -> dict:

@@ -139,19 +139,24 @@ def test_paged_kv_cache_passed_to_generate_shares_and_reports_pages():
     assert prefix_cache.stats()["live_matches"] == 0
 
 
-def test_quantized_requests_read_the_shared_codes_in_place():
-    model = tiny_model("llama")
+def _shared_codes_run(model, spec: str):
+    """Three prompts sharing a 96-token doc, generated without and then with a PrefixCache(quant=spec) that holds
+    the doc: asserts equal outputs; returns (stats without, stats with, the prefix cache)."""
     g = torch.Generator().manual_seed(6)
     doc = torch.randint(3, 128, (96,), generator=g).tolist()
     ids = torch.tensor([doc + torch.randint(3, 128, (7,), generator=g).tolist() for _ in range(3)])
-    kvpress.wrap(model, quant=SPEC)
+    kvpress.wrap(model, quant=spec)
     reference = model.generate(input_ids=ids, **GEN)
     unshared = kvpress.last_generate_stats(model)
-    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=SPEC)
-    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant=SPEC)
+    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=spec)
+    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant=spec)
     model.generate(input_ids=ids[:1], **GEN)  # stores doc (full precision + codes)
     assert torch.equal(model.generate(input_ids=ids, **GEN), reference)
-    stats = kvpress.last_generate_stats(model)
+    return unshared, kvpress.last_generate_stats(model), prefix_cache
+
+
+def test_quantized_requests_read_the_shared_codes_in_place():
+    unshared, stats, prefix_cache = _shared_codes_run(tiny_model("llama"), SPEC)
     # 96 matched tokens per row; slots [2 sinks, 103 - 8 window) = 93 quantized tokens per row are read in place
     assert stats["stored_tokens"] == unshared["stored_tokens"] - 93
     assert stats["nbytes"] < 0.5 * unshared["nbytes"]
@@ -166,18 +171,7 @@ def test_prefix_cache_codes_adapt_to_head_dim_96_like_wraps_quant():
     from tiny_models import head_dim_model
 
     model = head_dim_model(96, "phi3")
-    spec = "int8-int4:r8:s2"  # default groups: g32 does not divide 96 / 2
-    g = torch.Generator().manual_seed(6)
-    doc = torch.randint(3, 128, (96,), generator=g).tolist()
-    ids = torch.tensor([doc + torch.randint(3, 128, (7,), generator=g).tolist() for _ in range(3)])
-    kvpress.wrap(model, quant=spec)
-    reference = model.generate(input_ids=ids, **GEN)
-    unshared = kvpress.last_generate_stats(model)
-    prefix_cache = kvpress.PrefixCache(max_tokens=1024, quant=spec)
-    kvpress.wrap(model, paged=True, prefix_cache=prefix_cache, quant=spec)
-    model.generate(input_ids=ids[:1], **GEN)  # stores doc (full precision + codes in g16)
-    assert torch.equal(model.generate(input_ids=ids, **GEN), reference)
-    stats = kvpress.last_generate_stats(model)
+    unshared, stats, prefix_cache = _shared_codes_run(model, "int8-int4:r8:s2")  # default g32 does not divide 48
     assert stats["stored_tokens"] == unshared["stored_tokens"] - 93  # the shared codes were read in place
     assert prefix_cache.pool.layers[0]["v_scale"].shape[-1] == 96 // 16
     prefix_cache.check_invariants()
