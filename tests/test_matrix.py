@@ -1,6 +1,6 @@
 """Seeded randomized differential test: many drawn configurations of (architecture, dtype, batch and left padding,
-press, quantization, prefix cache, chunked prefill, decoding mode) checked against invariants that need no golden
-outputs.
+press (uniform or per-head budgets), quantization, prefix cache, chunked prefill, decoding mode) checked against
+invariants that need no golden outputs.
 
 Invariants per case:
 - no compression: the output equals the plain (unwrapped) model's;
@@ -87,7 +87,10 @@ def draw(case_id: int) -> Case:
     press = rng.choice(PRESSES)
     quant = rng.choice(QUANTS)
     if press is not None:
-        press = f"{press}:{rng.choice([0.25, 0.5, 0.75])}" + (":window_size=8" if press == "snapkv" else "")
+        options = ["window_size=8"] if press == "snapkv" else []
+        budget = random.Random(SEED * 31 + case_id).choice(["uniform", "uniform", "adaptive", "global"])
+        options += [] if budget == "uniform" else [f"budget={budget}"]  # own stream: earlier cases draw as before
+        press = f"{press}:{rng.choice([0.25, 0.5, 0.75])}" + (f":{','.join(options)}" if options else "")
     if quant is not None:
         quant = f"{quant}:r{rng.choice([4, 16, 128])}:s{rng.choice([0, 2, 4])}"  # no g option: default groups
     mode = rng.choice(["greedy", "greedy", "sample", "beam"])
