@@ -7,6 +7,9 @@
 #   bash eval/gpu_evidence.sh kernels         # bench_kernels --quick: SDPA, QuantizedCache
 #   bash eval/gpu_evidence.sh tune            # bench_kernels --tune (tile sizes, warps, stages, splits)
 #   bash eval/gpu_evidence.sh decode          # bench_decode at 32k, batch 1 and 8, with the GPU busy time
+#   bash eval/gpu_evidence.sh setup issues    # issues 13-16 in ~6 min: gpu_issue_checks.py (issue 14 configs, KVzip
+#                                             # and per-head decode at 16k, low-bit kernels at 32k), the CUDA tests
+#                                             # `tests` leaves out, a bf16 soak of tests/test_matrix.py on CUDA
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-eval/results/gpu}"
@@ -37,8 +40,26 @@ for stage in "$@"; do
       "$PY" eval/bench_decode.py --contexts 32768 --batches 1 8 --prefill-chunk 8192 --profile \
         --out "$OUT/decode_e2e_${device}_32k.json"
       ;;
+    issues)  # each part records its own failure and the next one runs
+      # timings of issues 14-16 -> JSON (rewritten after each step; cut at 330 s so the rest still fits 10 minutes);
+      # the summary on stdout, tqdm's progress (and any traceback) in a file
+      progress="$OUT/issue_checks_${device}_log.txt"
+      timeout 330 "$PY" eval/gpu_issue_checks.py --out "$OUT/issue_checks_$device.json" 2> "$progress" \
+        || { echo "gpu_issue_checks.py: rc $? (124: cut at 330 s)"; tail -c 1500 "$progress"; }
+      # the suite's CUDA tests that `tests` leaves out (kernel tests in bf16 and fp16 are in `tests`)
+      "$PY" -m pytest -q -rf tests/test_paged_pool.py tests/test_quant_lowbit.py 2>&1 | tail -15 \
+        | tee "$OUT/tests_issues_$device.txt" || echo "CUDA tests failed (rc $?)"
+      # the soak: seeded cases, every one in bf16 on CUDA, cut at 150 s (per-case lines survive the cut)
+      log="$OUT/matrix_bf16_$device.txt"
+      KVPRESS_MATRIX_CASES="${MATRIX_CASES:-80}" KVPRESS_MATRIX_SEED="${MATRIX_SEED:-0}" timeout 150 \
+        "$PY" -m pytest -o addopts= -v -rf --maxfail=5 tests/test_matrix.py > "$log" 2>&1 \
+        || echo "matrix soak: rc $? (124: cut at 150 s)"
+      echo "matrix soak (bf16, CUDA): $(grep -cE '::[^ ]+ PASSED' "$log") passed," \
+        "$(grep -cE '::[^ ]+ (FAILED|ERROR)' "$log") failed; $log"
+      grep -E "^(FAILED|ERROR)" "$log" | cut -c1-300 | head -5 || true
+      ;;
     *)
-      echo "unknown stage $stage (setup, tests, kernels, tune, decode)" >&2
+      echo "unknown stage $stage (setup, tests, kernels, tune, decode, issues)" >&2
       exit 2
       ;;
   esac

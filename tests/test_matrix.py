@@ -39,6 +39,7 @@ from tiny_models import head_dim_model, tiny_model
 
 N_CASES = int(os.environ.get("KVPRESS_MATRIX_CASES", "120"))
 SEED = int(os.environ.get("KVPRESS_MATRIX_SEED", "0"))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CUDA the kernels run on Triton, every case in bf16
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3_96")
 ALL_SLIDING = {"mistral"}  # every layer slides: a press or quant is refused at wrap
 NO_PREFIX = {"mistral", "gemma3"}  # sliding layers: prefix sharing is refused
@@ -95,17 +96,22 @@ def draw(case_id: int) -> Case:
         quant = f"{quant}:r{rng.choice([4, 16, 128])}:s{rng.choice([0, 2, 4])}"  # no g option: default groups
     mode = rng.choice(["greedy", "greedy", "sample", "beam"])
     prefix = arch not in NO_PREFIX and rng.random() < 0.5
-    return Case(case_id=case_id, arch=arch, dtype=rng.choice([torch.float32, torch.bfloat16]),
+    return Case(case_id=case_id, arch=arch, dtype=_on_device(rng.choice([torch.float32, torch.bfloat16])),
                 lengths=tuple(rng.randint(4, 60) for _ in range(batch)), press=press, quant=quant,
                 pool_quant=rng.random() < 0.5, prefix=prefix, chunk=rng.choice([None, None, 5, 16]), mode=mode,
                 n_return=1 if mode == "greedy" else rng.choice([1, 2]), max_new_tokens=rng.randint(2, 6),
                 shared_prefix=rng.choice([0, 0, 8, 24]))
 
 
+def _on_device(drawn: torch.dtype) -> torch.dtype:
+    """The drawn dtype on CPU, bf16 on CUDA (the dtype the GPU serves); drawn either way so a seed replays alike."""
+    return torch.bfloat16 if DEVICE == "cuda" else drawn
+
+
 @functools.lru_cache(maxsize=None)
 def _model(arch: str, dtype: torch.dtype):
     model = head_dim_model(96, "phi3") if arch == "phi3_96" else tiny_model(arch)
-    return model.to(dtype)
+    return model.to(DEVICE, dtype)
 
 
 def _prompts(case: Case) -> list[list[int]]:
@@ -121,7 +127,7 @@ def _batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def _gen_kwargs(case: Case) -> dict:
@@ -283,7 +289,7 @@ def test_degenerate_scores_are_the_k_normed_models(arch, degenerate):
     """DEGENERATE_SCORES stays justified: on the k-normed tiny models every stored key's L2 norm is sqrt(head_dim)
     to 1e-3 (knorm's scores tie within rounding), on the others norms spread widely."""
     model = _model(arch, torch.float32)
-    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     cache = kvpress.KVPressCache(model.config)
     try:
         kvpress.wrap(model)
@@ -306,7 +312,7 @@ def test_chunked_prefill_ending_with_a_one_token_chunk_compresses_after_the_prom
     model = _model("llama", torch.float32)
     kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
                   output_logits=True)
-    ids = torch.randint(3, 128, (1, 76), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 128, (1, 76), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     try:
         kvpress.wrap(model, press=press)
         whole = model.generate(input_ids=ids, **kwargs)
