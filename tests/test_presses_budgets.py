@@ -130,8 +130,10 @@ def test_specs_parse():
     assert isinstance(press, SnapKVPress) and (press.max_tokens, press.every, press.layers) == (2048, 64, "uniform")
     press = parse_press("tova:0.25:layers=pyramid")
     assert press.layers == "pyramid" and press.every is None and press.compression_ratio == 0.25
-    press = parse_press("kvzip:0.5:layers=pyramid,max_tokens=100")
+    press = parse_press("kvzip:0.5:layers=pyramid,max_tokens=100,budget=uniform")
     assert press.layers == "pyramid" and press.max_tokens == 100
+    with pytest.raises(ValueError, match="budget=uniform with layers=pyramid"):  # KVzip's default budget is global
+        parse_press("kvzip:0.5:layers=pyramid")
 
 
 @pytest.mark.parametrize("spec, message", [

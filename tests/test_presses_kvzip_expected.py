@@ -7,6 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvpress
+from kvpress.paged.ragged import PAGE_TOKENS
 from kvpress.cache import KVPressCache
 from kvpress.hf_compat import cache_kwargs
 from kvpress.pipeline import compressed_context
@@ -106,14 +107,20 @@ def test_batched_rows_equal_batch_one_runs_through_wrap(spec):
         assert torch.equal(one[0, -5:], out[row, -5:])
 
 
-@pytest.mark.parametrize("spec", ["kvzip:0.5", "expected:0.5"])
+@pytest.mark.parametrize("spec", ["kvzip:0.5", "kvzip:0.5:budget=uniform", "expected:0.5"])
 def test_cache_compress_frees_half_the_bytes(spec):
     model = kvpress.wrap(tiny_model("llama"))
     ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     full = compressed_context(model, ids)
     half = compressed_context(model, ids, press=spec, prefill_chunk_size=24)
     assert half.stats()["stored_tokens"] == 32
-    assert 0.49 < half.stats()["nbytes"] / full.stats()["nbytes"] < 0.53  # scores / statistics: a few %
+    ratio = half.stats()["nbytes"] / full.stats()["nbytes"]
+    if spec == "kvzip:0.5":  # KVzip's default global budget: heads at their own lengths, under a page of slack each
+        layers, heads, head_dim = 2, 2, 16
+        slack = layers * heads * PAGE_TOKENS * 2 * head_dim * 4 / full.stats()["nbytes"]
+        assert 0.49 < ratio < 0.53 + slack
+    else:
+        assert 0.49 < ratio < 0.53  # scores / statistics: a few %
 
 
 def test_kvzip_without_a_model_or_ids_refuses_clearly():

@@ -112,19 +112,18 @@ class BasePress(ABC):
         """Validate `layers` and `every` (every needs max_tokens and a score a layer can recompute while decoding)."""
         if self.layers not in LAYER_SCHEDULES:
             raise ValueError(f"{name}: layers must be one of {LAYER_SCHEDULES}; got {self.layers!r}")
+        if self.every is not None:
+            if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+                raise ValueError(f"{name}: every (decode steps between re-scorings) must be a positive integer; "
+                                 f"got {self.every!r}")
+            if self.max_tokens is None:
+                raise ValueError(f"{name}: every={self.every} bounds the cache while decoding at max_tokens; set "
+                                 "max_tokens too (e.g. 'snapkv:0.5:max_tokens=2048,every=64').")
+            if not self.rescores_while_decoding:
+                raise ValueError(f"{name} cannot re-score while decoding (its score needs the model, not only the "
+                                 f"layer's stored tokens), so every={self.every} is not supported; use max_tokens "
+                                 "alone (prompt compression only) or another press.")
         self._check_budget(name)
-        if self.every is None:
-            return
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"{name}: every (decode steps between re-scorings) must be a positive integer; "
-                             f"got {self.every!r}")
-        if self.max_tokens is None:
-            raise ValueError(f"{name}: every={self.every} bounds the cache while decoding at max_tokens; set "
-                             "max_tokens too (e.g. 'snapkv:0.5:max_tokens=2048,every=64').")
-        if not self.rescores_while_decoding:
-            raise ValueError(f"{name} cannot re-score while decoding (its score needs the model, not only the "
-                             f"layer's stored tokens), so every={self.every} is not supported; use max_tokens "
-                             "alone (prompt compression only) or another press.")
 
     def _check_budget(self, name: str) -> None:
         """Validate `budget`: per-head budgets compress once, so no decode-time bound (every, H2O's max_tokens), and
@@ -139,7 +138,8 @@ class BasePress(ABC):
                              "decode-time eviction). Use budget=uniform for that.")
         if self.budget == "global" and self.layers != "uniform":
             raise ValueError(f"{name}: budget=global shares one total over every layer and head by score; "
-                             f"layers={self.layers} would split it twice. Use one of them.")
+                             f"layers={self.layers} would split it twice. Use one of them (budget=uniform with "
+                             f"layers={self.layers}).")
 
     @property
     def per_head_budgets(self) -> bool:

@@ -54,10 +54,15 @@ class KVzipPress(BasePress):
     (`cache.prompt_ids`, recorded by the same callers). `prompt_ids` default () is tokenizer-free: the context is
     simply repeated (the model's copying heads then attend to the token after each earlier occurrence); pass the
     ids of e.g. "Repeat the previous context exactly." to follow the paper. Left-padded batches work (each row
-    replays its own tokens); chunked compression (compress_every_chunk) and prefix sharing are refused."""
+    replays its own tokens); chunked compression (compress_every_chunk) and prefix sharing are refused.
+    `budget` defaults to "global", KVzip's own allocation (one total over every layer and head, each head stored at
+    its own length): measured against "uniform" on the project's needle tasks (query-agnostic, 2k tokens, n=20,
+    eval/results/presses_issue15_agnostic.md) it kept 100% of the full cache's accuracy at 0.5 and 0.75 removed where
+    uniform kept 85% and 15%; `budget=uniform` remains for comparison."""
 
     chunk_size: int = 512
     prompt_ids: tuple[int, ...] = ()
+    budget: str = "global"
 
     rescores_while_decoding: ClassVar[bool] = False  # the replay needs the model and the context's token ids
 
