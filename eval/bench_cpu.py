@@ -6,6 +6,8 @@ a press compresses the prompt there.
 
     python eval/bench_cpu.py                      # 3k-token prompt, 2 threads, 2 rounds -> eval/results/bench_cpu.json
     python eval/bench_cpu.py --tokens 1024 --steps 8 --rounds 1 --configs full int8-int4   # quick look
+    python eval/bench_cpu.py --prefill-chunks 0 1024 512 --threads 1 --cpu-time --steps 2 \
+        --json eval/results/bench_cpu_prefill_chunks.json   # prefill chunking, robust on a shared machine
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prefill in chunks of this many tokens (default: the whole prompt in one forward)")
+    parser.add_argument("--prefill-chunks", type=int, nargs="+", default=None, metavar="N",
+                        help="one row per config and chunk size (0: the whole prompt), interleaved")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the thread's CPU time (needs --threads 1): robust to other processes")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
                         help=f"subset of {list(CONFIGS)}")
     parser.add_argument("--model", default="default")
@@ -69,25 +75,26 @@ def make_cache(spec: dict[str, Any], model):
 
 
 @torch.inference_mode()
-def run_once(model, ids: torch.Tensor, spec: dict[str, Any], steps: int, chunk: int | None) -> dict[str, Any]:
+def run_once(model, ids: torch.Tensor, spec: dict[str, Any], steps: int, chunk: int | None,
+             clock=time.perf_counter) -> dict[str, Any]:
     """Prefill, one first decode step, then `steps` timed greedy decode steps; seconds and bytes of this run."""
     cache = make_cache(spec, model)
     key = cache_keyword(model)
-    start = time.perf_counter()
+    start = clock()
     size = chunk or ids.shape[1]
     for lo in range(0, ids.shape[1], size):
         out = model(input_ids=ids[:, lo : lo + size], use_cache=True, logits_to_keep=1, **{key: cache})
-    prefill_s = time.perf_counter() - start
+    prefill_s = clock() - start
     token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    start = clock()
     out = model(input_ids=token, use_cache=True, **{key: cache})
-    first_ms = 1000 * (time.perf_counter() - start)
+    first_ms = 1000 * (clock() - start)
     times = []
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
+        start = clock()
         out = model(input_ids=token, use_cache=True, **{key: cache})
-        times.append(1000 * (time.perf_counter() - start))
+        times.append(1000 * (clock() - start))
     nbytes = cache.stats()["nbytes"] if isinstance(cache, kvpress.KVPressCache) else hf_memory(cache, model.config)[
         "nbytes"]
     return {"prefill_s": prefill_s, "first_step_ms": first_ms, "decode_ms_per_step": statistics.median(times),
@@ -114,6 +121,9 @@ def markdown(rows: dict[str, dict[str, Any]], reference: str = "full") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time measures one thread's CPU time: use it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     model, tok = kvpress.load_default_model() if args.model == "default" else kvpress.default_model.load_model(
         args.model)
@@ -121,21 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     ids = prose_token_ids(tok, 0, args.tokens)
     for name in args.configs:  # warm-up (one-off costs such as quanto's kernel build), not recorded
         run_once(model, ids[:, :256], CONFIGS[name], 2, None)
-    runs: dict[str, list] = {name: [] for name in args.configs}
+    chunks = args.prefill_chunks or [args.prefill_chunk or 0]
+    rows_of = [(name if args.prefill_chunks is None else f"{name} @ chunk {chunk or 'whole'}", name, chunk or None)
+               for name in args.configs for chunk in chunks]
+    runs: dict[str, list] = {row: [] for row, _, _ in rows_of}
     for round_index in range(args.rounds):
-        for name in args.configs:
-            run = run_once(model, ids, CONFIGS[name], args.steps, args.prefill_chunk)
-            runs[name].append(run)
-            print(f"round {round_index + 1} {name:28s} prefill {run['prefill_s']:6.2f} s  first step "
+        for row, name, chunk in rows_of:
+            run = run_once(model, ids, CONFIGS[name], args.steps, chunk, clock)
+            runs[row].append(run)
+            print(f"round {round_index + 1} {row:36s} prefill {run['prefill_s']:6.2f} s  first step "
                   f"{run['first_step_ms']:7.1f} ms  decode {run['decode_ms_per_step']:7.1f} ms/step", flush=True)
     rows = {name: best(r) for name, r in runs.items()}
-    table = markdown(rows)
+    table = markdown(rows, reference="full" if "full" in rows else next(iter(rows)))
     print(table)
     report = {
         "command": "python eval/bench_cpu.py " + " ".join(argv or []),
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+                "clock": "thread CPU time" if args.cpu_time else "wall (perf_counter)",
                 "cpu": platform.processor() or platform.machine(), "device": "cpu"},
         "tokens": args.tokens, "steps": args.steps, "rounds": args.rounds, "prefill_chunk": args.prefill_chunk,
+        "prefill_chunks": args.prefill_chunks,
         "rows": rows, "runs": runs, "table": table,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

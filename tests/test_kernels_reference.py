@@ -79,3 +79,24 @@ def test_rows_that_attend_nothing_give_zero_and_minus_inf() -> None:
     out, lse = decode_attention_multi_reference(q, (store,), 0.5)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert bool((lse[0] == -torch.inf).all()) and bool(lse[1].isfinite().all())
+
+
+@pytest.mark.parametrize("encoding", ["int8-int4-g16", "int4-int4-g16", "int4-int2-g16"])
+def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, monkeypatch) -> None:
+    """Key codes converted chunk by chunk of (row, kv head) pairs (one pair per chunk here) give the same result."""
+    import kvpress.kernels.reference as reference
+
+    monkeypatch.setattr(reference, "CACHE_CHUNK_BYTES", 1)
+    stores = _stores(*ENCODINGS[encoding], None)
+    q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(6))
+    out, lse = decode_attention_multi_reference(q, stores, 0.3)
+    ref_out, ref_lse = decode_attention_multi_plain(q, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    queries = torch.randn(3, KV_HEADS * GROUP, 4, HEAD_DIM, generator=torch.Generator().manual_seed(7))
+    k, v = torch.randn(2, 3, KV_HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(8))
+    stores = (*stores, chunk_store(k, v, torch.tensor([0, 1, 3])))
+    out, lse = extend_attention_multi_reference(queries, stores, 0.3)
+    ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)

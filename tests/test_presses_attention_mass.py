@@ -113,3 +113,15 @@ def test_decode_victims_rejects_evicting_protected_tokens() -> None:
     assert decode_victims(mass, 0, 1, 1, valid).shape == (1, 1, 0)
     with pytest.raises(ValueError, match="n_evict"):
         decode_victims(mass, 5, n_sink=1, recent=1, valid=valid)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1000, 1 << 22])
+def test_accumulated_mass_default_blocks_match_full_attention(block_bytes: int, monkeypatch) -> None:
+    """Without `chunk`, blocks of queries are sized by MASS_BLOCK_BYTES of logits (one query per block up to all)."""
+    import kvpress.presses.attention_mass as attention_mass
+
+    monkeypatch.setattr(attention_mass, "MASS_BLOCK_BYTES", block_bytes)
+    queries, keys, valid = make_inputs(2)
+    for v in (valid, torch.ones_like(valid)):  # padded rows (masked path) and none (causal-only path)
+        got = accumulate_attention_mass(queries, keys, 0.35, v, causal_offset=0)
+        torch.testing.assert_close(got, reference_mass(queries, keys, 0.35, v, 0), rtol=1e-5, atol=1e-5)

@@ -24,7 +24,9 @@ def _masked_logits(
     """float32 logits (B, Hkv, R, K) of query rows (B, Hkv, R, D) against keys (B, Hkv, K, D); -inf where the key is
     padding (key_valid (B, K) False) or lies after the query (key position > query position). key_positions must be
     ascending."""
-    logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2)).mul_(sm_scale)
+    logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2))
+    if sm_scale != 1.0:
+        logits.mul_(sm_scale)
     # Mask only what needs masking: most key chunks lie wholly before every query and hold no padding.
     if not bool(key_valid.all()):
         padding_bias = torch.zeros(key_valid.shape, dtype=logits.dtype, device=logits.device)
@@ -60,23 +62,31 @@ def _check_mass_inputs(
         raise ValueError(f"chunk must be a positive integer; got {chunk!r}")
 
 
+MASS_BLOCK_BYTES = 1 << 22  # fp32 logits of one block of prefill queries (all heads): about two L2 caches
+
+
 def accumulate_attention_mass(
     queries: torch.Tensor,
     keys: torch.Tensor,
     sm_scale: float,
     valid: torch.Tensor,
     causal_offset: int,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Softmax probability mass (B, Hkv, T) float32 each stored key receives from the Q queries of a prefill chunk,
     summed over the queries and over the query heads of each kv group.
 
     Query i sits at stored position causal_offset + i and sees the real keys at positions <= its own. Queries at
-    padding positions contribute nothing. Processed `chunk` queries at a time: memory O(Hq * chunk * T).
+    padding positions contribute nothing. Processed `chunk` queries at a time (default: as many as keep the block's
+    logits within MASS_BLOCK_BYTES, so that the softmax passes over them stay in cache; at 3k tokens on the CPU a
+    third less time than 256-query blocks, which streamed ~28 MB of logits through memory per pass): memory
+    O(Hq * chunk * T).
     """
-    _check_mass_inputs(queries, keys, sm_scale, valid, causal_offset, chunk)
+    _check_mass_inputs(queries, keys, sm_scale, valid, causal_offset, 1 if chunk is None else chunk)
     batch, kv_heads, n_tokens, head_dim = keys.shape
-    grouped = _group_queries(queries, kv_heads)
+    if chunk is None:
+        chunk = max(1, MASS_BLOCK_BYTES // max(1, 4 * batch * queries.shape[1] * n_tokens))
+    grouped = _group_queries(queries.float() * sm_scale, kv_heads)  # scaled once, not per block of logits
     group_size, n_queries = grouped.shape[2], grouped.shape[3]
     keys_f32 = keys.float()
     mass = torch.zeros(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
@@ -88,12 +98,12 @@ def accumulate_attention_mass(
         positions = (causal_offset + torch.arange(start, stop, device=keys.device)).repeat(group_size)
         if padded:
             key_positions = torch.arange(seen, device=keys.device)
-            logits = _masked_logits(rows, keys_f32[:, :, :seen], sm_scale, positions, key_positions, valid[:, :seen])
+            logits = _masked_logits(rows, keys_f32[:, :, :seen], 1.0, positions, key_positions, valid[:, :seen])
             # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
             probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
             probs.mul_(valid[:, positions][:, None, :, None])
         else:  # every query sees at least itself: only the keys of the chunk itself need the causal mask
-            logits = torch.matmul(rows.float(), keys_f32[:, :, :seen].transpose(-1, -2)).mul_(sm_scale)
+            logits = torch.matmul(rows, keys_f32[:, :, :seen].transpose(-1, -2))
             first = causal_offset + start
             diagonal = torch.arange(first, seen, device=keys.device)
             logits[..., first:].masked_fill_(diagonal[None, :] > positions[:, None], float("-inf"))
