@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels import chunk_store, decode_attention_multi, extend_attention_multi, kernel_backend, merge_attention_states
 from .kernels.head_rows import as_head_rows, merge_heads, split_heads
+from .presses.attention_mass import attention_with_mass
 
 ATTENTION_NAME = "kvpress"
 
@@ -49,6 +50,12 @@ def kvpress_attention_forward(
     chunk_valid = _chunk_validity(attention_mask) if q_len > 1 else None
     if q_len == 1:  # (the cache compressed the observed prompt when this step began: KVPressCache.update)
         layer.before_decode()  # decode-time eviction of a bounded press
+    elif layer.stored_length == 0 and layer.prefix is None and layer.wants_prefill_mass():
+        causal, _ = _causal_chunk(attention_mask, chunk_valid, layer.sliding_window)
+        if causal:  # H2O's first chunk: attention and its probability mass in one pass
+            out, mass = _attend_with_mass(layer, query, key, value, chunk_valid, scaling)
+            layer.finish_forward(query, scaling, mass)
+            return out, None
     plain = layer.kv.quant is None and layer.prefix is None and layer.kv.pressed is None
     if plain and not (q_len == 1 and layer.wants_decode_logits()):
         out = _attend_unquantized(module, layer, query, key, value, attention_mask, chunk_valid, dropout, scaling)
@@ -67,6 +74,16 @@ def _attend_unquantized(module, layer, query, key, value, chunk_mask, chunk_vali
     mask = chunk_mask if n_past == 0 else _stored_mask(layer, chunk_mask, n_past, query.shape[2])
     out, _ = sdpa_attention_forward(module, query, layer.keys, layer.values, mask, dropout=dropout, scaling=scaling)
     return out
+
+
+def _attend_with_mass(layer, query, key, value, chunk_valid, scaling):
+    """A layer's first prefill chunk (plain causal after left padding) when its press wants the attention's mass:
+    one blocked pass gives the output and the mass (instead of SDPA and a second pass over the keys); then store."""
+    valid = chunk_valid if chunk_valid is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool,
+                                                                   device=key.device)
+    out, mass = attention_with_mass(query, key, value, scaling, valid)
+    layer.append(key, value, chunk_valid)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), mass
 
 
 def _decode_segments(layer, query, key, value, scaling):

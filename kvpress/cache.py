@@ -177,14 +177,20 @@ class KVPressLayer(CacheLayerMixin):
         log, over every stored token (the new one included), for the press's state."""
         self._state.observe_decode(scores, lse, self.kv_start)
 
-    def finish_forward(self, query: torch.Tensor, sm_scale: float) -> None:
+    def wants_prefill_mass(self) -> bool:
+        """Whether the attention of a prefill chunk should hand its probability mass to finish_forward (H2O)."""
+        return (self._state is not None and self.deferred is None and not self.compressed_once
+                and self._state.wants_prefill_mass())
+
+    def finish_forward(self, query: torch.Tensor, sm_scale: float, mass: torch.Tensor | None = None) -> None:
         """After attending the chunk of this forward: encode a deferred prompt (its last token was just attended),
-        or let the press observe a stored prefill chunk (and compress now with compress_every_chunk); slide."""
+        or let the press observe a stored prefill chunk (and compress now with compress_every_chunk); slide.
+        `mass`: the chunk's attention probability mass (B, Hkv, T), when the attention computed it."""
         if self.deferred is not None:
             self._encode_deferred(query, sm_scale)
             return
         if self.press is not None and not self.compressed_once and (query.shape[2] > 1 or self._prompt_chunk()):
-            self._observe_prefill(query, sm_scale)
+            self._observe_prefill(query, sm_scale, mass)
             if self.compress_every_chunk:
                 self.compress()
         elif self.press is not None and self.press.every is not None:  # a decode step: re-scoring presses see it
@@ -273,12 +279,13 @@ class KVPressLayer(CacheLayerMixin):
         return row_budgets(self.press, self.logical_length, self.kv.length, n_pad, start, self.layer_idx,
                            self.n_layers)
 
-    def _observe_prefill(self, query: torch.Tensor, sm_scale: float) -> None:
+    def _observe_prefill(self, query: torch.Tensor, sm_scale: float, mass: torch.Tensor | None = None) -> None:
         """The press's state observes the chunk just stored (its queries are the last query.shape[2] positions)."""
         kv = self.kv
         self._sm_scale = sm_scale
         chunk = PrefillChunk(query, sm_scale, kv.length - query.shape[2],
-                             keys=lambda: kv.dequantized(query.shape[-1], query.dtype)[0], valid=self.valid_mask)
+                             keys=lambda: kv.dequantized(query.shape[-1], query.dtype)[0], valid=self.valid_mask,
+                             mass=mass)
         self._state.observe_prefill(chunk)
         self.needs_compression = True
 

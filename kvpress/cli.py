@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--press", default=None, help="e.g. snapkv:0.5, h2o:0.75, streaming:0.5, knorm:0.5")
     gen.add_argument("--quant", default=None, help="e.g. int8-int4, int8, int4")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--prefill-chunk-size", type=int, default=1024)
+    gen.add_argument("--prefill-chunk-size", type=int, default=None,
+                     help="prefill in chunks of this many tokens (default: the whole prompt at once, fastest on CPU)")
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="a long-context question with the full and compressed caches side by side")
     demo.add_argument("--model", default="default")

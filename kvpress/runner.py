@@ -78,10 +78,12 @@ def generate_with_report(
     press: Any = None,
     quant: Any = None,
     max_new_tokens: int = 64,
-    prefill_chunk_size: int | None = 1024,
+    prefill_chunk_size: int | None = None,
     show_progress: bool = True,
 ) -> GenerationReport:
-    """Greedy generation through a fresh KVPressCache; returns the answer, timings and memory stats."""
+    """Greedy generation through a fresh KVPressCache; returns the answer, timings and memory stats.
+    `prefill_chunk_size`: None prefills the prompt in one forward, the fastest on the CPU (3k tokens: 1024-token
+    chunks cost 14-17% more, eval/results/bench_cpu_prefill_chunks.json); chunks bound activation memory."""
     cfg = resolve_config(press=press, quant=quant)
     inputs = encode_prompt(tokenizer, prompt).to(model.device)
     n_prompt = inputs["input_ids"].shape[1]

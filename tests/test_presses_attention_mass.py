@@ -125,3 +125,44 @@ def test_accumulated_mass_default_blocks_match_full_attention(block_bytes: int, 
     for v in (valid, torch.ones_like(valid)):  # padded rows (masked path) and none (causal-only path)
         got = accumulate_attention_mass(queries, keys, 0.35, v, causal_offset=0)
         torch.testing.assert_close(got, reference_mass(queries, keys, 0.35, v, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 5)])
+def test_attention_with_mass_is_sdpa_and_the_mass_in_one_pass(pads):
+    """H2O's first prefill chunk: the output equals causal SDPA over the chunk (left padding masked) and the mass
+    equals accumulate_attention_mass, from one pass over the keys."""
+    from kvpress.presses.attention_mass import attention_with_mass
+
+    g = torch.Generator().manual_seed(3)
+    batch, q_heads, kv_heads, n, d = 2, 6, 2, 37, 16
+    q, k, v = (torch.randn(batch, h, n, d, generator=g) for h in (q_heads, kv_heads, kv_heads))
+    valid = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]
+    out, mass = attention_with_mass(q, k, v, 0.25, valid)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & valid[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=causal | ~valid[:, None, :, None], scale=0.25)
+    real = valid[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert bool((out[~real] == 0).all())
+    torch.testing.assert_close(mass, accumulate_attention_mass(q, k, 0.25, valid, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_h2o_prefill_in_one_pass_equals_sdpa_then_mass(monkeypatch):
+    """Through the model: H2O's one-pass prefill (attention_with_mass) gives what SDPA + a separate mass pass give."""
+    import kvpress
+    from kvpress.presses.h2o import AttentionMass
+    from tiny_models import left_padded_batch, tiny_model
+
+    ids, mask = left_padded_batch(batch=2, length=40, pads=(0, 6))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True, press="h2o:0.5")
+    model = kvpress.wrap(tiny_model("llama"))
+    calls = []
+    real = kvpress.attention.attention_with_mass
+    monkeypatch.setattr(kvpress.attention, "attention_with_mass", lambda *a: calls.append(1) or real(*a))
+    one_pass = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(AttentionMass, "wants_prefill_mass", lambda self: False)
+    two_passes = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert len(calls) == 2 and torch.equal(one_pass.sequences, two_passes.sequences)
+    torch.testing.assert_close(torch.stack(one_pass.scores), torch.stack(two_passes.scores), atol=1e-4, rtol=1e-4)

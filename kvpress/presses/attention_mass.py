@@ -65,6 +65,38 @@ def _check_mass_inputs(
 MASS_BLOCK_BYTES = 1 << 22  # fp32 logits of one block of prefill queries (all heads): about two L2 caches
 
 
+def _prefill_probability_blocks(queries, keys, sm_scale, valid, causal_offset, chunk):
+    """Yield (start, stop, probs (B, Hkv, G * (stop - start), seen)) of query blocks: the softmax probabilities of
+    queries [start, stop) (query i at stored position causal_offset + i, causal, padding keys masked, padding queries
+    all zero) over the keys they can see (the first `seen` stored ones)."""
+    batch, kv_heads, n_tokens, head_dim = keys.shape
+    if chunk is None:
+        chunk = max(1, MASS_BLOCK_BYTES // max(1, 4 * batch * queries.shape[1] * n_tokens))
+    grouped = _group_queries(queries.float() * sm_scale, kv_heads)  # scaled once, not per block of logits
+    group_size, n_queries = grouped.shape[2], grouped.shape[3]
+    keys_f32 = keys.float()
+    padded = not bool(valid.all())
+    for start in range(0, n_queries, chunk):
+        stop = min(start + chunk, n_queries)
+        seen = causal_offset + stop  # keys after the chunk's last query are masked for all of its queries
+        # rows query-major (query i, then its group's heads), so the outputs of a block view as (Q, G, D)
+        rows = grouped[:, :, :, start:stop].transpose(2, 3).reshape(batch, kv_heads, -1, head_dim)
+        positions = (causal_offset + torch.arange(start, stop, device=keys.device)).repeat_interleave(group_size)
+        if padded:
+            key_positions = torch.arange(seen, device=keys.device)
+            logits = _masked_logits(rows, keys_f32[:, :, :seen], 1.0, positions, key_positions, valid[:, :seen])
+            # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
+            probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+            probs.mul_(valid[:, positions][:, None, :, None])
+        else:  # every query sees at least itself: only the keys of the chunk itself need the causal mask
+            logits = torch.matmul(rows, keys_f32[:, :, :seen].transpose(-1, -2))
+            first = causal_offset + start
+            diagonal = torch.arange(first, seen, device=keys.device)
+            logits[..., first:].masked_fill_(diagonal[None, :] > positions[:, None], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+        yield start, stop, probs
+
+
 def accumulate_attention_mass(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -83,33 +115,32 @@ def accumulate_attention_mass(
     O(Hq * chunk * T).
     """
     _check_mass_inputs(queries, keys, sm_scale, valid, causal_offset, 1 if chunk is None else chunk)
-    batch, kv_heads, n_tokens, head_dim = keys.shape
-    if chunk is None:
-        chunk = max(1, MASS_BLOCK_BYTES // max(1, 4 * batch * queries.shape[1] * n_tokens))
-    grouped = _group_queries(queries.float() * sm_scale, kv_heads)  # scaled once, not per block of logits
-    group_size, n_queries = grouped.shape[2], grouped.shape[3]
-    keys_f32 = keys.float()
+    batch, kv_heads, n_tokens, _ = keys.shape
     mass = torch.zeros(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
-    padded = not bool(valid.all())
-    for start in range(0, n_queries, chunk):
-        stop = min(start + chunk, n_queries)
-        seen = causal_offset + stop  # keys after the chunk's last query are masked for all of its queries
-        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, group_size * (stop - start), head_dim)
-        positions = (causal_offset + torch.arange(start, stop, device=keys.device)).repeat(group_size)
-        if padded:
-            key_positions = torch.arange(seen, device=keys.device)
-            logits = _masked_logits(rows, keys_f32[:, :, :seen], 1.0, positions, key_positions, valid[:, :seen])
-            # A row with no visible key (a padding query) gives NaN; it must contribute nothing.
-            probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
-            probs.mul_(valid[:, positions][:, None, :, None])
-        else:  # every query sees at least itself: only the keys of the chunk itself need the causal mask
-            logits = torch.matmul(rows, keys_f32[:, :, :seen].transpose(-1, -2))
-            first = causal_offset + start
-            diagonal = torch.arange(first, seen, device=keys.device)
-            logits[..., first:].masked_fill_(diagonal[None, :] > positions[:, None], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-        mass[:, :, :seen] += probs.sum(dim=2)
+    for _, _, probs in _prefill_probability_blocks(queries, keys, sm_scale, valid, causal_offset, chunk):
+        mass[:, :, : probs.shape[-1]] += probs.sum(dim=2)
     return mass
+
+
+def attention_with_mass(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float, valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of a first prefill chunk over itself (queries (B, Hq, Q, D), keys/values (B, Hkv, Q, D), valid
+    (B, Q) left padding) and the mass accumulate_attention_mass gives, from the same probabilities: one pass instead
+    of SDPA + a second pass over the keys (H2O's prefill). Returns the output (B, Hq, Q, D) float32 (padding queries:
+    zeros) and the mass (B, Hkv, Q)."""
+    _check_mass_inputs(queries, keys, sm_scale, valid, 0, 1)
+    batch, kv_heads, n_tokens, head_dim = keys.shape
+    group = queries.shape[1] // kv_heads
+    mass = torch.zeros(batch, kv_heads, n_tokens, dtype=torch.float32, device=keys.device)
+    out = torch.empty(batch, kv_heads, n_tokens, group, head_dim, dtype=torch.float32, device=keys.device)
+    values_f32 = values.float()
+    for start, stop, probs in _prefill_probability_blocks(queries, keys, sm_scale, valid, 0, None):
+        seen = probs.shape[-1]
+        mass[:, :, :seen] += probs.sum(dim=2)
+        out[:, :, start:stop] = torch.matmul(probs, values_f32[:, :, :seen]).view(batch, kv_heads, stop - start,
+                                                                                   group, head_dim)
+    return out.permute(0, 1, 3, 2, 4).reshape(batch, kv_heads * group, n_tokens, head_dim), mass
 
 
 def window_attention_mass(

@@ -20,8 +20,13 @@ class AttentionMass(PressState):
         self.mass: torch.Tensor | None = None
 
     def observe_prefill(self, chunk: PrefillChunk) -> None:
-        mass = accumulate_attention_mass(chunk.queries, chunk.keys(), chunk.sm_scale, chunk.valid(), chunk.offset)
+        mass = chunk.mass
+        if mass is None:
+            mass = accumulate_attention_mass(chunk.queries, chunk.keys(), chunk.sm_scale, chunk.valid(), chunk.offset)
         self.mass = mass if self.mass is None else self.mass + mass
+
+    def wants_prefill_mass(self) -> bool:
+        return True
 
     def wants_decode_logits(self) -> bool:
         return self.mass is not None

@@ -33,13 +33,15 @@ class PrefillChunk:
     """A prefill chunk the layer has just stored: its queries (B, Hq, Q, D) after RoPE, the softmax scale, and the
     stored position of its first token (`offset` = T - Q: the chunk's keys are the last Q stored). `keys()` builds
     the full-precision keys (B, Hkv, T, D) of every stored token and `valid()` the (B, T) attended-token mask, on
-    demand (only presses that need them pay for them)."""
+    demand (only presses that need them pay for them). `mass`: what attention_with_mass gave, when the layer asked
+    for it (wants_prefill_mass) and the chunk was a first one attended in one pass."""
 
     queries: torch.Tensor
     sm_scale: float
     offset: int
     keys: Callable[[], torch.Tensor]
     valid: Callable[[], torch.Tensor]
+    mass: torch.Tensor | None = None  # (B, Hkv, T) the attention's own probability mass, when it computed it
 
 
 @dataclass
@@ -62,6 +64,11 @@ class PressState:
 
     def observe_prefill(self, chunk: PrefillChunk) -> None:
         """A prefill chunk was stored (called after every chunk, before compression)."""
+
+    def wants_prefill_mass(self) -> bool:
+        """Whether this state wants each prefill chunk's attention probability mass (PrefillChunk.mass): then the
+        attention of a first chunk computes it in the same pass (attention_mass.attention_with_mass)."""
+        return False
 
     def wants_decode_logits(self) -> bool:
         """Whether the decode step must hand over its logits (observe_decode)."""
