@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full": {"press": None, "quant": None},
     "int8-int4": {"press": None, "quant": "int8-int4"},
     "int4": {"press": None, "quant": "int4"},
+    "int4-int2": {"press": None, "quant": "int4-int2"},  # issue 16's low-bit layouts (int2-int2: keys per channel)
+    "int2-int2": {"press": None, "quant": "int2-int2"},
     "snapkv:0.5": {"press": "snapkv:0.5", "quant": None},
     "snapkv:0.5 + int8-int4": {"press": "snapkv:0.5", "quant": "int8-int4"},
     "h2o:0.5": {"press": "h2o:0.5", "quant": None},

@@ -54,7 +54,8 @@ KVPRESS_CONFIGS: dict[str, str | None] = {
 }
 # Low-bit layouts (issue 16): 2-bit codes, with / without the Hadamard rotation of keys, values or both.
 LOW_BIT_CONFIGS = ("int4-int2", "int4-int2:rotnone", "int4-int2:rotk", "int4-int2:rotv", "int2-int2",
-                   "int2-int2:rotnone", "int4:rotkv", "int8-int4:rotv", "int4-int2:r32", "int2-int2:r32")
+                   "int2-int2:rotnone", "int4:rotkv", "int8-int4:rotv", "int4-int2:r32", "int2-int2:r32",
+                   "int2-int2:kcnone", "int4-int2:kc64", "int2-int2:r80", "int4-int2:kc64:r80")  # kc: keys per channel
 KVPRESS_CONFIGS.update({name: name for name in LOW_BIT_CONFIGS})
 # Issue 16's targets: spec -> (max bytes held / 16-bit, max KL, min top-1 agreement or None).
 LOW_BIT_TARGETS = {"int4-int2": (0.25, 0.005, 0.97), "int2-int2": (0.20, 0.02, None)}

@@ -64,6 +64,20 @@ def check_kernel_config(head_dim: int, quant: Any = None, device: Any = None) ->
         raise ValueError(f"{err}; the nearest spec they take is {str(nearest)!r}") from None
 
 
+def single_token_storage(press: Any, paged: bool) -> str | None:
+    """Why this cache's storage moves tokens one at a time (so quantized keys must be per token, not in per-channel
+    blocks), or None: per-head budgets, decode-time eviction from the middle (H2O's max_tokens), prefix pages."""
+    if paged:
+        return "prefix sharing (paged=True) stores tokens in 16-token pages"
+    if press is None:
+        return None
+    if press.per_head_budgets:
+        return f"budget={press.budget} stores each head's tokens at its own length"
+    if press.needs_attention_mass and press.max_tokens is not None and press.every is None:
+        return f"max_tokens={press.max_tokens} evicts single tokens from the quantized middle while decoding"
+    return None
+
+
 def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, head_dim: int | None = None,
                    device: Any = None) -> KVConfig:
     """Validate and normalise the three parts; raises ValueError before any work starts. With `head_dim`, the
@@ -80,7 +94,8 @@ def resolve_config(press: Any = None, quant: Any = None, paged: Any = False, hea
     if quant is not None:
         from .quant.spec import QuantSpec
 
-        quant = QuantSpec.parse(quant)
+        paged = parse_bool(paged, "paged")
+        quant = QuantSpec.parse(quant).for_storage(single_token_storage(press, paged))
         if head_dim is not None:
             quant = quant.fit(head_dim)
     paged = parse_bool(paged, "paged")

@@ -17,7 +17,7 @@ def shared_codes_spec(prefix_cache: PrefixCache, head_dim: int | None = None) ->
     if prefix_cache.quant is None:
         return None
     try:
-        spec = QuantSpec.parse(prefix_cache.quant)
+        spec = QuantSpec.parse(prefix_cache.quant).for_storage("a PrefixCache stores tokens in pages")
         return spec if head_dim is None else spec.fit(head_dim)
     except ValueError as err:
         raise ValueError(f"PrefixCache(quant={prefix_cache.quant!r}) is not a valid quantization"

@@ -105,7 +105,8 @@ class Segment:
         return KVStore(k=f["k"], v=f["v"], block_table=self.store.block_table(), kv_start=start, kv_end=self.length,
                        k_bits=self.k_bits, v_bits=self.v_bits, k_scale=f.get("k_scale"), k_zero=f.get("k_zero"),
                        v_scale=f.get("v_scale"), v_zero=f.get("v_zero"), k_group=self.k_group,
-                       v_group=self.v_group, k_rotation=k_rotation, v_rotation=v_rotation)  # fmt: skip
+                       v_group=self.v_group, k_rotation=k_rotation, v_rotation=v_rotation,
+                       k_block=self.codec.k_block)  # fmt: skip
 
 
 class SegmentedKV:
@@ -122,11 +123,17 @@ class SegmentedKV:
             # quantized middle at a quarter of fp32's bytes.
             self.sink = Segment(FullPrecisionCodec(_SIXTEEN_BIT), max_tokens=quant.n_sink)
             self.main = Segment(quant.build_codec())
-            self.window = Segment(FullPrecisionCodec(_SIXTEEN_BIT), max_tokens=quant.residual + FLUSH_BLOCK)
+            self.window = Segment(FullPrecisionCodec(_SIXTEEN_BIT), max_tokens=quant.residual + self.flush_block)
         # fp sink slots: n_sink plus the batch's largest left padding (or leading filler slots after a press), so
         # that every row's first n_sink real tokens stay full precision, as in its batch-1 run
         self.n_sink = quant.n_sink if quant is not None else 0
         self.pressed: PressedHeads | None = None  # a per-head compression's tokens (before every segment), or None
+
+    @property
+    def flush_block(self) -> int:
+        """Tokens the window hands to the middle at a time while decoding: FLUSH_BLOCK, or the codec's block of
+        per-channel keys when larger (the middle is written in whole blocks)."""
+        return max(FLUSH_BLOCK, self.main.codec.token_block)
 
     @property
     def segments(self) -> list[Segment]:
@@ -165,19 +172,27 @@ class SegmentedKV:
         if not n:
             return
         # Decode lets the window overshoot by one block so flushes (and their quantize calls) come in blocks.
-        limit = self.quant.residual + (FLUSH_BLOCK if n == 1 else 0)
+        unit = self.main.codec.token_block  # the middle takes whole blocks of per-channel keys (else any count)
+        limit = self.quant.residual + (self.flush_block if n == 1 else 0)
         excess = self.window.length + n - self.quant.residual
+        excess -= excess % unit  # the rest waits in the window (at most residual + unit - 1 tokens)
         if self.window.length + n > limit and excess > 0:
             from_window = min(excess, self.window.length)
+            from_chunk = excess - from_window  # chunk tokens already too old for the window go straight to the middle
+            moved = []
             if from_window:
-                old_k = self.window.store.view("k")[:, :, :from_window]
-                old_v = self.window.store.view("v")[:, :, :from_window]
-                self.main.append(old_k, old_v)
-                self.window.store.drop_front(from_window)
-            from_chunk = excess - from_window
-            if from_chunk:  # chunk tokens that are already too old for the window go straight to the middle
-                self.main.append(k[:, :, :from_chunk], v[:, :, :from_chunk])
+                moved.append((self.window.store.view("k")[:, :, :from_window],
+                              self.window.store.view("v")[:, :, :from_window]))
+            if from_chunk:
+                moved.append((k[:, :, :from_chunk], v[:, :, :from_chunk]))
                 k, v = k[:, :, from_chunk:], v[:, :, from_chunk:]
+            if unit > 1 and len(moved) == 2:  # one write, so that every block is encoded whole
+                moved = [(torch.cat((moved[0][0], moved[1][0].to(moved[0][0].dtype)), dim=2),
+                          torch.cat((moved[0][1], moved[1][1].to(moved[0][1].dtype)), dim=2))]
+            for old_k, old_v in moved:
+                self.main.append(old_k, old_v)
+            if from_window:
+                self.window.store.drop_front(from_window)
         if k.shape[2]:
             self.window.append(k, v)
 
@@ -203,6 +218,8 @@ class SegmentedKV:
         (`n_masked`: the largest number of leading masked filler slots of a row; they widen the fp sinks).
 
         Tokens that stay quantized keep their codes (never re-quantized); fp tokens entering the middle are encoded.
+        Per-channel keys (a codec with token_block > 1) re-encode the kept middle from k_all / v_all in new blocks,
+        and the window keeps the tokens short of a whole block.
         """
         if self.quant is None:
             self.main.store.keep(idx)
@@ -210,12 +227,16 @@ class SegmentedKV:
         n_keep = idx.shape[2]
         self._set_sink_slots(self.quant.n_sink + n_masked)
         n_sink = min(self.n_sink, n_keep)
-        n_window = min(self.quant.residual, n_keep - n_sink)
-        n_main = n_keep - n_sink - n_window
+        unit = self.main.codec.token_block
+        n_main = (n_keep - n_sink - min(self.quant.residual, n_keep - n_sink)) // unit * unit  # whole blocks
+        n_window = n_keep - n_sink - n_main
         if n_main:
-            candidates = self._quantized_candidates(k_all, v_all)
             main_idx = idx[:, :, n_sink : n_sink + n_main]
-            fields = {name: _gather(t, main_idx) for name, t in candidates.items()}
+            if unit > 1:  # per-channel keys: the kept tokens form new blocks, encoded from full precision
+                fields = self.main.encode(_gather(k_all, main_idx), _gather(v_all, main_idx))
+            else:
+                candidates = self._quantized_candidates(k_all, v_all)
+                fields = {name: _gather(t, main_idx) for name, t in candidates.items()}
             self.main.store.clear()
             self.main.store.append(fields)
         else:
@@ -307,7 +328,7 @@ class PressedHeads:
                                   k_bits=codec.k_bits, v_bits=codec.v_bits, k_scale=f.get("k_scale"),
                                   k_zero=f.get("k_zero"), v_scale=f.get("v_scale"), v_zero=f.get("v_zero"),
                                   k_group=codec.k_group, v_group=codec.v_group, k_rotation=k_rotation,
-                                  v_rotation=v_rotation))
+                                  v_rotation=v_rotation, k_block=codec.k_block))
         return stores
 
     def index_batch(self, rows: torch.Tensor) -> PressedHeads:

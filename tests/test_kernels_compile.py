@@ -18,7 +18,7 @@ from kvpress.kernels.compile_only import HARNESS_UNAVAILABLE
 def _compile_for_sm90() -> None:
     """Compile the multi-store kernel (one store and several) for a few store mixes (8/4/2-bit codes) and every addressing mode
     (contiguous, 16-token pages, 12-token pages), with the logit output (+ the mass kernel) and the causal chunk
-    mode, and a padded head dim (96) (run as a script)."""
+    mode, a padded head dim (96), and keys per channel (run as a script)."""
     from kvpress.kernels.compile_only import install_compile_only
 
     compiled = install_compile_only(90)
@@ -65,9 +65,24 @@ def _compile_for_sm90() -> None:
     chunk96 = torch.randn(2, 2, 40, 96).half()
     extend_attention_multi_triton(torch.randn(2, 8, 40, 96).half(),
                                   (middle96, chunk_store(chunk96, chunk96, torch.tensor([0, 5]))), 0.1)
+    # keys per channel over blocks of 64 tokens (KIVI, int2-int2's default): attention and quantize-and-store
+    from kvpress.kernels.affine import quantize, quantize_channels
+    from kvpress.kernels.quantize import quantize_store_triton
+    from kvpress.kernels.store import KVStore
+
+    keys, values = torch.randn(2, 2, 128, 64), torch.randn(2, 2, 128, 64)
+    (kc, ks, kz), (vc, vs, vz) = quantize_channels(keys, 2, 64), quantize(values, 2, 64)
+    table = torch.arange(2, dtype=torch.int32)[:, None]
+    channel = KVStore(k=kc, v=vc, block_table=table, kv_end=128, k_bits=2, v_bits=2, k_scale=ks, k_zero=kz,
+                      v_scale=vs, v_zero=vz, k_block=64)
+    sink64 = make_store([0, 2], [4, 4], 2, 64, dtype=torch.float16, seed=11, device="cpu")
+    decode_attention_multi_triton(torch.randn(2, 8, 64).half(), (sink64, channel), 0.1, out_dtype=torch.float16)
+    quantize_store_triton(keys[:, :, :64].half(), kc, ks, kz, table, torch.zeros(2, dtype=torch.int32), 2, None,
+                          check_values=False, token_block=64)
     compiled = [(name, len(kernel.asm["cubin"])) for name, kernel in compiled]
     names = {name for name, size in compiled if size > 0}
-    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_add_score_mass_kernel"} <= names, compiled
+    assert {"_multi_split_attention_kernel", "_combine_splits_kernel", "_add_score_mass_kernel",
+            "_quantize_channels_kernel"} <= names, compiled
     print("compiled", compiled)
 
 

@@ -81,12 +81,14 @@ def test_rows_that_attend_nothing_give_zero_and_minus_inf() -> None:
     assert bool((lse[0] == -torch.inf).all()) and bool(lse[1].isfinite().all())
 
 
-@pytest.mark.parametrize("encoding", ["int8-int4-g16", "int4-int4-g16", "int4-int2-g16"])
-def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, monkeypatch) -> None:
-    """Key codes converted chunk by chunk of (row, kv head) pairs (one pair per chunk here) give the same result."""
+@pytest.mark.parametrize("chunk_bytes", [1, 2048, 1 << 16])  # one token / 16 tokens of one pair / every pair at once
+@pytest.mark.parametrize("encoding", ["int8-int4-g16", "int4-int4-g16", "int4-int2-g16", "int2-int2-gNone"])
+def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, chunk_bytes, monkeypatch) -> None:
+    """Codes converted chunk by chunk of (row, kv head) pairs and tokens into the reused scratch give the same
+    result, for keys (logits written per chunk) and values (sums accumulated over token chunks)."""
     import kvpress.kernels.reference as reference
 
-    monkeypatch.setattr(reference, "CACHE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(reference, "CACHE_CHUNK_BYTES", chunk_bytes)
     stores = _stores(*ENCODINGS[encoding], None)
     q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(6))
     out, lse = decode_attention_multi_reference(q, stores, 0.3)

@@ -144,7 +144,8 @@ def _decode_logprobs(model, spec, ids, steps):
     return torch.log_softmax(torch.cat(out).float(), -1), cache
 
 
-@pytest.mark.parametrize("spec", ["int4-int2:r4:s2", "int2-int2:g16:r4:s2", "int4-int2:rotnone:r4:s2"])
+@pytest.mark.parametrize("spec", ["int4-int2:r4:s2", "int2-int2:g16:kcnone:r4:s2", "int2-int2:kc16:r4:s2",
+                                  "int4-int2:rotnone:r4:s2"])
 def test_low_bit_cache_bytes_and_backends_agree(spec) -> None:
     model = _tiny_head64()
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(2))

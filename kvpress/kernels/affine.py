@@ -66,7 +66,16 @@ def quantize(
     head_dim = x.shape[-1]
     group = effective_group_size(head_dim, bits, group_size)
     grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
-    lo, hi = torch.aminmax(grouped, dim=-1)
+    codes, scale, zero = _affine_codes(grouped, -1, bits, check_finite)
+    return pack_codes(codes.reshape(x.shape), bits), scale, zero
+
+
+def _affine_codes(
+    grouped: torch.Tensor, dim: int, bits: int, check_finite: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 codes of float32 `grouped` whose groups run along `dim`, with their fp16 (scale, zero) (that dim
+    reduced away); see the module doc for the steps."""
+    lo, hi = torch.aminmax(grouped, dim=dim)
     scale, zero, zero_f = _scale_zero(lo, hi, bits)
     scale_f = scale.float()
     # |scale|, |zero| <= 65504 keep their difference finite; NaN or inf anywhere makes it non-finite.
@@ -74,9 +83,8 @@ def quantize(
         raise ValueError(
             "quantize got NaN/inf, or a group whose scale or zero overflows the fp16 range; clean or rescale the input"
         )
-    codes = (grouped - zero_f.unsqueeze(-1)).div_(scale_f.unsqueeze(-1)).add_(0.5).floor_()
-    codes = codes.clamp_(0, 2**bits - 1).to(torch.uint8).reshape(x.shape)
-    return pack_codes(codes, bits), scale, zero
+    codes = (grouped - zero_f.unsqueeze(dim)).div_(scale_f.unsqueeze(dim)).add_(0.5).floor_()
+    return codes.clamp_(0, 2**bits - 1).to(torch.uint8), scale, zero
 
 
 def dequantize(
@@ -106,3 +114,52 @@ def dequantize(
     grouped = codes.reshape(*lead, n_groups, group).float()
     out = torch.addcmul(zero.float().unsqueeze(-1), grouped, scale.float().unsqueeze(-1))
     return out.reshape(*lead, head_dim).to(dtype)
+
+
+def check_token_block(head_dim: int, block: int) -> int:
+    """Return `block` if keys quantized per channel over blocks of that many tokens fit head_dim: a power of two
+    that divides head_dim (each token slot of a block holds the scales of head_dim / block channels), else raise."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise ValueError(f"a per-channel token block must be a power of two >= 2, got {block!r}")
+    if head_dim % block:
+        raise ValueError(f"a per-channel token block must divide head_dim={head_dim} (its {block} slots hold the "
+                         f"{head_dim} channel scales); got {block}")
+    return block
+
+
+def quantize_channels(
+    x: torch.Tensor, bits: int, block: int, *, check_finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `x[..., T, D]` per channel over blocks of `block` tokens (KIVI's keys): one fp16 scale and zero per
+    (block, channel), same min/max math as `quantize`. Returns codes packed per token as `quantize` packs them
+    `[..., T, D * bits / 8]`, and scale / zero `[..., T, D / block]` in slot layout: the pair of channel d for the
+    block of tokens [i * block, (i + 1) * block) sits at token slot i * block + d // (D / block), column
+    d % (D / block) (docs/STORAGE_LAYOUT.md), so the fields keep one row per token like every other field."""
+    *lead, tokens, head_dim = x.shape
+    check_token_block(head_dim, block)
+    if tokens % block:
+        raise ValueError(f"per-channel codes are written in whole blocks of {block} tokens; got {tokens} tokens")
+    blocks = x.float().reshape(*lead, tokens // block, block, head_dim)
+    codes, scale, zero = _affine_codes(blocks, -2, bits, check_finite)  # scale, zero: (..., n_blocks, D)
+    slots = (*lead, tokens, head_dim // block)
+    return pack_codes(codes.reshape(x.shape), bits), scale.reshape(slots), zero.reshape(slots)
+
+
+def dequantize_channels(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, block: int, head_dim: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuild `x[..., T, head_dim]` from per-channel codes (inverse of quantize_channels, float32 math)."""
+    check_token_block(head_dim, block)
+    *lead, tokens, width = q.shape
+    if q.dtype != torch.uint8 or width != code_width(head_dim, bits) or tokens % block:
+        raise ValueError(f"dequantize_channels expects uint8 codes (..., T, {code_width(head_dim, bits)}) with T a "
+                         f"multiple of {block}, got {q.dtype} {tuple(q.shape)}")
+    slots = (*lead, tokens, head_dim // block)
+    if tuple(scale.shape) != slots or tuple(zero.shape) != slots:
+        raise ValueError(f"dequantize_channels expects scale and zero of shape {slots}, got {tuple(scale.shape)} "
+                         f"and {tuple(zero.shape)}")
+    per_block = (*lead, tokens // block, 1, head_dim)
+    codes = unpack_codes(q, bits).reshape(*lead, tokens // block, block, head_dim).float()
+    out = torch.addcmul(zero.float().reshape(per_block), codes, scale.float().reshape(per_block))
+    return out.reshape(*lead, tokens, head_dim).to(dtype)

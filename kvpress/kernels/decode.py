@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvpress.kernels.tile_loads import load_token_halves, row_page, token_pages, token_rows
+from kvpress.kernels.tile_loads import load_channel_halves, load_token_halves, row_page, token_pages, token_rows
 from kvpress.kernels.triton_compat import next_power_of_2, tl, triton
 
 LOG2E = 1.4426950408889634
@@ -43,7 +43,8 @@ class StorePointers(NamedTuple):
 class StoreEncoding(NamedTuple):
     """The compile-time constants of one store in a launch (a constexpr tuple argument of the kernel): bits and
     groups, dot operand dtype / fp32 input precision / fp16 dequantization (dot_operand_type), whether its start /
-    end bounds are (B,) tensors or ints, its addressing (store_access.store_addressing) and causality."""
+    end bounds are (B,) tensors or ints, its addressing (store_access.store_addressing), causality, and k_block: the
+    token block of keys quantized per channel (KVStore.k_block; 0 = per token; such a store is contiguous)."""
 
     k_bits: int
     v_bits: int
@@ -57,6 +58,7 @@ class StoreEncoding(NamedTuple):
     contiguous: bool
     page_shift: int
     causal: bool
+    k_block: int
 
 
 class OutputPointers(NamedTuple):
@@ -89,7 +91,8 @@ def attend_split(
     SCORES (decode, one query per row): also store each tile's log2-domain logits of head h at
     scores + b * stride_b + h * stride_h + score_offset + token (float32), for H2O's attention mass.
     ENC.causal (a prefill chunk attending its own tokens): a row of query i sees tokens j <= i only, and the program
-    stops at the tile past its last query.
+    stops at the tile past its last query. ENC.k_block: keys quantized per channel over blocks of that many tokens,
+    dequantized with their block's scales in slot layout (tile_loads.load_channel_halves).
 
     Addressing (ENC.contiguous, ENC.page_shift: tile_loads.token_pages) is specialised at compile time; the per-row
     and per-head parts of every field's address are computed once, before the tile loop. Each half of the head dim
@@ -141,11 +144,18 @@ def attend_split(
         page, slot = token_pages(store.table, table_row, tokens, token_mask, store.page_size, ENC.contiguous,
                                  ENC.page_shift)  # fmt: skip
         k_rows = token_rows(page, slot, stride_kp, stride_ks, ENC.contiguous)
-        ks_rows = token_rows(page, slot, stride_ksp, stride_kss, ENC.contiguous, True)
-        k_low, k_high = load_token_halves(
-            k_base, ks_base, kz_base, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
-            HALF, HALF_TILE, ENC.k_bits, ENC.k_group, ENC.dot_dtype, ENC.fp16_codes,
-        )  # fmt: skip
+        if ENC.k_block:  # per-channel keys (contiguous store: a slot is the token)
+            tl.static_assert(ENC.contiguous, "per-channel keys need a contiguous store")
+            k_low, k_high = load_channel_halves(
+                k_base, ks_base, kz_base, k_rows, slot, stride_kx, stride_kss, stride_ksg, token_mask,
+                HALF, HALF_TILE, ENC.k_bits, ENC.k_block, ENC.dot_dtype, ENC.fp16_codes,
+            )  # fmt: skip
+        else:
+            ks_rows = token_rows(page, slot, stride_ksp, stride_kss, ENC.contiguous, True)
+            k_low, k_high = load_token_halves(
+                k_base, ks_base, kz_base, k_rows, ks_rows, stride_kx, stride_ksg, token_mask,
+                HALF, HALF_TILE, ENC.k_bits, ENC.k_group, ENC.dot_dtype, ENC.fp16_codes,
+            )  # fmt: skip
         scores = tl.dot(q_low, tl.trans(k_low), input_precision=ENC.precision)
         scores += tl.dot(q_high, tl.trans(k_high), input_precision=ENC.precision)
         scores = tl.where(token_mask[None, :], scores * qk_scale, float("-inf"))

@@ -123,14 +123,18 @@ def _store_layout(store: KVStore, geo) -> tuple:
 
 
 def _store_encoding(store: KVStore, geo, q: torch.Tensor) -> StoreEncoding:
-    """A store's compile-time constants for queries q."""
+    """A store's compile-time constants for queries q (ValueError for per-channel keys in a store that is not
+    contiguous: the kernel finds a block's scales in the row's one page)."""
     dot_dtype, precision, fp16_codes = dot_operand_type(q, [(store.k, store.k_bits), (store.v, store.v_bits)])
     contiguous, page_shift = store_addressing(store.block_table, geo.page_size)
+    if store.k_block is not None and not contiguous:
+        raise ValueError(f"per-channel keys (k_block={store.k_block}) need a contiguous store (one page per row); "
+                         f"got a block table of {store.block_table.shape[1]} columns")
     return StoreEncoding(
         k_bits=store.k_bits, v_bits=store.v_bits, k_group=geo.k_group, v_group=geo.v_group, dot_dtype=dot_dtype,
         precision=precision, fp16_codes=fp16_codes, start_per_row=isinstance(store.kv_start, torch.Tensor),
         end_per_row=isinstance(store.kv_end, torch.Tensor), contiguous=contiguous, page_shift=page_shift,
-        causal=store.causal,
+        causal=store.causal, k_block=store.k_block or 0,
     )  # fmt: skip
 
 
@@ -140,7 +144,7 @@ def _new_plan(key, q, stores, sm_scale, num_splits, scores, score_offsets) -> La
     check_score_args(q, stores, scores, score_offsets)
     geo = geos[0]
     check_kernel_shapes(geo.head_dim, [(f"store {i} {name}", bits, group) for i, (s, g) in enumerate(zip(stores, geos))
-                                       for name, bits, group in (("k", s.k_bits, g.k_group),
+                                       for name, bits, group in (("k", s.k_bits, None if s.k_block else g.k_group),
                                                                  ("v", s.v_bits, g.v_group))])  # fmt: skip
     batch, q_heads, num_queries, head_dim = q.shape
     block_m, block_n, m_tiles = multi_tiles(geo.group * num_queries, head_dim)

@@ -3,12 +3,13 @@
 Two implementations with one signature: `quantize_store_triton` (fused Triton kernel) and
 `quantize_store_reference` (torch twin built on kvpress.kernels.affine.quantize, which defines the expected bytes).
 Token n of row b goes to logical index t = dst_start[b] + n: page block_table[b, t // S], slot t % S.
+`token_block` G: keys quantized per channel over blocks of G tokens (affine.quantize_channels), a kernel of its own.
 """
 from __future__ import annotations
 
 import torch
 
-from kvpress.kernels.affine import FP16_MAX, SCALE_FLOOR, quantize
+from kvpress.kernels.affine import FP16_MAX, SCALE_FLOOR, check_token_block, quantize, quantize_channels
 from kvpress.kernels.affine_layout import code_width, effective_group_size
 
 try:
@@ -28,12 +29,19 @@ def _check_store_args(
     dst_start: torch.Tensor,
     bits: int,
     group_size: int | None,
+    token_block: int | None = None,
 ) -> int:
-    """Validate shapes, dtypes and devices; return the effective group size."""
+    """Validate shapes, dtypes and devices; return the effective group size (per-channel codes: the scale columns
+    per token slot are head_dim / token_block, as if groups of token_block elements)."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor (B, H, N, D), got {x.dtype} {tuple(x.shape)}")
-    batch, heads, _, head_dim = x.shape
-    group = effective_group_size(head_dim, bits, group_size)
+    batch, heads, n_tokens, head_dim = x.shape
+    if token_block is None:
+        group = effective_group_size(head_dim, bits, group_size)
+    else:
+        group = check_token_block(head_dim, token_block)
+        if n_tokens % token_block:
+            raise ValueError(f"per-channel codes are stored in whole blocks of {token_block} tokens; got {n_tokens}")
     width = code_width(head_dim, bits)
     if q_out.dim() != 4 or q_out.dtype != torch.uint8 or q_out.shape[1] != heads or q_out.shape[3] != width:
         raise ValueError(
@@ -54,8 +62,10 @@ def _check_store_args(
     return group
 
 
-def _check_store_values(x: torch.Tensor, q_out: torch.Tensor, block_table: torch.Tensor, dst_start: torch.Tensor) -> None:
-    """Check data-dependent preconditions with a single host sync: finite x, in-range targets and pages."""
+def _check_store_values(x: torch.Tensor, q_out: torch.Tensor, block_table: torch.Tensor, dst_start: torch.Tensor,
+                        token_block: int | None = None) -> None:
+    """Check data-dependent preconditions with a single host sync: finite x, in-range targets and pages (and, for
+    per-channel codes, targets that start a block)."""
     n_tokens, page_size, n_pages = x.shape[2], q_out.shape[2], q_out.shape[0]
     capacity = block_table.shape[1] * page_size
     columns = torch.arange(block_table.shape[1], device=x.device)
@@ -68,6 +78,7 @@ def _check_store_values(x: torch.Tensor, q_out: torch.Tensor, block_table: torch
             x.abs().amax() <= FP16_MAX,  # False for NaN as well
             ((dst_start >= 0) & (dst_start + n_tokens <= capacity)).all(),
             pages_ok.all(),
+            (dst_start % (token_block or 1) == 0).all(),
         )
     ).tolist()
     if not flags[0]:
@@ -76,6 +87,8 @@ def _check_store_values(x: torch.Tensor, q_out: torch.Tensor, block_table: torch
         raise ValueError(f"dst_start + {n_tokens} tokens must lie in [0, {capacity}] (max_pages * page size); grow the block table")
     if not flags[2]:
         raise ValueError(f"block_table holds page ids outside [0, {n_pages}) for pages being written")
+    if not flags[3]:
+        raise ValueError(f"per-channel codes start at a block boundary: dst_start must be a multiple of {token_block}")
 
 
 def quantize_store_reference(
@@ -89,19 +102,25 @@ def quantize_store_reference(
     group_size: int | None,
     *,
     check_values: bool = True,
+    token_block: int | None = None,
 ) -> None:
     """Torch twin: quantize x (B, H, N, D) with affine.quantize and scatter into the paged store in place.
+    `token_block` G: per-channel codes instead (affine.quantize_channels: N and dst_start multiples of G, scales in
+    slot layout), `group_size` then unused.
 
     check_values=True validates x (finite, |x| <= 65504) and the target pages at one host sync; pass
     False on hot paths whose inputs are known to be valid (invalid input then writes unspecified bytes).
     """
-    _check_store_args(x, q_out, scale_out, zero_out, block_table, dst_start, bits, group_size)
+    _check_store_args(x, q_out, scale_out, zero_out, block_table, dst_start, bits, group_size, token_block)
     batch, heads, n_tokens, _ = x.shape
     if n_tokens == 0 or batch == 0:
         return
     if check_values:
-        _check_store_values(x, q_out, block_table, dst_start)
-    codes, scale, zero = quantize(x, bits, group_size, check_finite=False)
+        _check_store_values(x, q_out, block_table, dst_start, token_block)
+    if token_block is None:
+        codes, scale, zero = quantize(x, bits, group_size, check_finite=False)
+    else:
+        codes, scale, zero = quantize_channels(x, bits, token_block, check_finite=False)
     page_size = q_out.shape[2]
     logical = dst_start.long().unsqueeze(1) + torch.arange(n_tokens, device=x.device)  # (B, N)
     pages = block_table.long().gather(1, logical // page_size).unsqueeze(1)  # (B, 1, N)
@@ -200,6 +219,97 @@ if triton is not None:
         tl.store(scale_ptr + (page * ss_p + head * ss_h + slot * ss_s)[:, None] + g_real[None, :] * ss_g, scale, mask=g_ok)
         tl.store(zero_ptr + (page * sz_p + head * sz_h + slot * sz_s)[:, None] + g_real[None, :] * sz_g, zero, mask=g_ok)
 
+    @triton.jit
+    def _quantize_channels_kernel(
+        x_ptr, q_ptr, scale_ptr, zero_ptr, table_ptr, start_ptr,
+        n_heads, page_size,
+        sx_b, sx_h, sx_n, sx_d,
+        sq_p, sq_h, sq_s, sq_x,
+        ss_p, ss_h, ss_s, ss_g,
+        sz_p, sz_h, sz_s, sz_g,
+        st_b, st_p,
+        LEVELS: tl.constexpr, PARTS: tl.constexpr, PART_WIDTH: tl.constexpr, LANES: tl.constexpr,
+        BLOCK: tl.constexpr, WIDTH: tl.constexpr,
+    ):
+        # One program: the BLOCK tokens of block program_id(1) of one (row, head), lanes [c * LANES, (c + 1) * LANES)
+        # of each of the PARTS parts of head_dim (c = program_id(2); parts as in _quantize_store_kernel), so channel
+        # d = part * PART_WIDTH + lane. Each channel is one group over the block's tokens; its scale / zero go to
+        # the block's token first + d // WIDTH, column d % WIDTH (slot layout, WIDTH = head_dim / BLOCK).
+        row_head = tl.program_id(0)
+        row = (row_head // n_heads).to(tl.int64)
+        head = row_head % n_heads
+        first = tl.program_id(1) * BLOCK
+        tok = first + tl.arange(0, BLOCK)
+        row_start = tl.load(start_ptr + row)
+        logical = row_start + tok
+        page = tl.load(table_ptr + row * st_b + (logical // page_size) * st_p).to(tl.int64)
+        slot = (logical % page_size).to(tl.int64)
+
+        part = tl.arange(0, PARTS)
+        lane = tl.program_id(2) * LANES + tl.arange(0, LANES)
+        lane_ok = lane < PART_WIDTH
+        chan = part[:, None] * PART_WIDTH + lane[None, :]  # (PARTS, LANES)
+        chan_ok = lane_ok[None, :] & (part[:, None] >= 0)
+        x_offs = row * sx_b + head * sx_h + tok[:, None, None] * sx_n + chan[None, :, :] * sx_d
+        x = tl.load(x_ptr + x_offs, mask=chan_ok[None, :, :], other=0.0).to(tl.float32)  # (BLOCK, PARTS, LANES)
+        lo = tl.min(x, axis=0)  # padding lanes read 0 for every token: harmless stats, never stored
+        hi = tl.max(x, axis=0)
+
+        # Same IEEE steps as kvpress.kernels.affine.group_scale_zero (and _quantize_store_kernel).
+        zero = -_round_up_to_fp16(-(lo + (hi - lo) * (0.5 / LEVELS)))
+        zero_f = zero.to(tl.float32)
+        steps = tl.full(lo.shape, LEVELS - 0.5, tl.float32)
+        needed = tl.maximum(tl.math.div_rn(hi - zero_f, steps), (zero_f - lo) * 2.0)
+        scale = _round_up_to_fp16(tl.maximum(needed, _SCALE_FLOOR))
+        scale_f = scale.to(tl.float32)
+
+        y = tl.math.div_rn(x - zero_f[None, :, :], scale_f[None, :, :]) + 0.5
+        codes = tl.minimum(tl.maximum(tl.floor(y), 0.0), LEVELS - 1.0).to(tl.int32)
+
+        dst = (page * sq_p + head * sq_h + slot * sq_s)[:, None] + lane[None, :] * sq_x
+        if PARTS == 2:
+            low, high = tl.split(tl.permute(codes, (0, 2, 1)))
+            packed = (low | (high << 4)).to(tl.uint8)
+        elif PARTS == 4:  # split quarters: quarter i in bits 2i, 2i + 1 (disjoint bits, so the sum is an or)
+            packed = tl.sum(codes << (part * 2)[None, :, None], axis=1).to(tl.uint8)
+        else:
+            packed = tl.reshape(codes, [BLOCK, LANES]).to(tl.uint8)
+        tl.store(q_ptr + dst, packed, mask=lane_ok[None, :])
+
+        meta_logical = row_start + first + chan // WIDTH  # the token slot holding channel chan's pair
+        meta_page = tl.load(table_ptr + row * st_b + (meta_logical // page_size) * st_p, mask=chan_ok,
+                            other=0).to(tl.int64)
+        meta_slot = (meta_logical % page_size).to(tl.int64)
+        column = chan % WIDTH
+        tl.store(scale_ptr + meta_page * ss_p + head * ss_h + meta_slot * ss_s + column * ss_g, scale, mask=chan_ok)
+        tl.store(zero_ptr + meta_page * sz_p + head * sz_h + meta_slot * sz_s + column * sz_g, zero, mask=chan_ok)
+
+
+CHANNEL_TILE_ELEMENTS = 4096  # elements of x one per-channel program holds (BLOCK x PARTS x LANES)
+
+
+def _quantize_channels_triton(
+    x: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor, zero_out: torch.Tensor, block_table: torch.Tensor,
+    dst_start: torch.Tensor, bits: int, token_block: int,
+) -> None:
+    """Launch the per-channel kernel: one program per (row, head, block of token_block tokens, chunk of lanes)."""
+    batch, heads, n_tokens, head_dim = x.shape
+    parts = 8 // bits
+    if head_dim % parts:
+        raise ValueError(f"the Triton kernel packs {bits}-bit codes of head_dim in {parts} parts: head_dim must be a "
+                         f"multiple of {parts}; got {head_dim}")
+    part_width = head_dim // parts
+    lanes = min(triton.next_power_of_2(part_width), max(1, CHANNEL_TILE_ELEMENTS // (token_block * parts)))
+    grid = (batch * heads, n_tokens // token_block, triton.cdiv(part_width, lanes))
+    _quantize_channels_kernel[grid](
+        x, q_out, scale_out, zero_out, block_table, dst_start,
+        heads, q_out.shape[2],
+        *x.stride(), *q_out.stride(), *scale_out.stride(), *zero_out.stride(), *block_table.stride(),
+        LEVELS=2**bits, PARTS=parts, PART_WIDTH=part_width, LANES=lanes, BLOCK=token_block,
+        WIDTH=head_dim // token_block,
+        enable_fp_fusion=False,  # keep every mul and add separately rounded, like torch
+    )
+
 
 def quantize_store_triton(
     x: torch.Tensor,
@@ -212,20 +322,25 @@ def quantize_store_triton(
     group_size: int | None,
     *,
     check_values: bool = True,
+    token_block: int | None = None,
 ) -> None:
-    """Fused Triton kernel: same bytes as quantize_store_reference, in one launch.
+    """Fused Triton kernel: same bytes as quantize_store_reference, in one launch. `token_block` G: keys per
+    channel over blocks of G tokens (N and dst_start multiples of G), by a kernel of its own.
 
     check_values=True validates x (finite, |x| <= 65504) and the target pages at one host sync; pass
     False on hot paths whose inputs are known to be valid (invalid input then writes unspecified bytes).
     """
     if triton is None:
         raise ValueError("quantize_store_triton needs the triton package; use quantize_store_reference instead")
-    group = _check_store_args(x, q_out, scale_out, zero_out, block_table, dst_start, bits, group_size)
+    group = _check_store_args(x, q_out, scale_out, zero_out, block_table, dst_start, bits, group_size, token_block)
     batch, heads, n_tokens, head_dim = x.shape
     if n_tokens == 0 or batch == 0:
         return
     if check_values:
-        _check_store_values(x, q_out, block_table, dst_start)
+        _check_store_values(x, q_out, block_table, dst_start, token_block)
+    if token_block is not None:
+        _quantize_channels_triton(x, q_out, scale_out, zero_out, block_table, dst_start, bits, token_block)
+        return
     parts = 8 // bits
     part_width = head_dim // parts
     part_pad = triton.next_power_of_2(part_width)

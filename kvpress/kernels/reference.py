@@ -8,6 +8,7 @@ are tested against."""
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -71,29 +72,50 @@ def _tokens(field: torch.Tensor, store: KVStore, span: _Span, sliced: bool) -> t
     return gather_tokens(field, store.block_table, span.begin, span.end, False)
 
 
-def _float_codes(raw: torch.Tensor, bits: int) -> torch.Tensor:
+def _float_codes(raw: torch.Tensor, bits: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Codes as float32 parts (B, Hkv, P, T, D / P): P = 2 for 4-bit and 2-bit codes (the two halves of the head
     dim: low / high nibbles, or bits 0-3 / 4-7 of split quarters), else 1; 16-bit fields are just converted. The
-    parts are written straight into one float buffer (uint8 -> float32 on assignment, no stacked copy)."""
-    if bits == 16 or bits == 8:
-        return raw.float().unsqueeze(2)
+    parts are written straight into one float buffer (uint8 -> float32 on assignment, no stacked copy): `buffer`
+    (flat float32 of the right size, e.g. scratch) or a new one."""
     b, h, t, width = raw.shape
-    if bits == 4:
-        parts = torch.empty(b, h, 2, t, width, dtype=torch.float32, device=raw.device)
+    n_parts, part_width = (1, width) if bits in (8, 16) else (2, width * 8 // bits // 2)
+    numel = b * h * n_parts * t * part_width
+    parts = (torch.empty(numel, dtype=torch.float32, device=raw.device) if buffer is None else buffer[:numel]).view(
+        b, h, n_parts, t, part_width)
+    if bits in (8, 16):
+        parts[:, :, 0] = raw
+    elif bits == 4:
         parts[:, :, 0] = raw & 15
         parts[:, :, 1] = raw >> 4
-        return parts
-    parts = torch.empty(b, h, 2, t, 2 * width, dtype=torch.float32, device=raw.device)
-    for i in range(4):  # 2-bit: quarter i = bits 2i, 2i + 1; quarters 0, 1 are the first half, 2, 3 the second
-        parts[:, :, i // 2, :, (i % 2) * width : (i % 2 + 1) * width] = (raw >> (2 * i)) & 3 if i < 3 else raw >> 6
+    else:
+        for i in range(4):  # 2-bit: quarter i = bits 2i, 2i + 1; quarters 0, 1 are the first half, 2, 3 the second
+            parts[:, :, i // 2, :, (i % 2) * width : (i % 2 + 1) * width] = (raw >> (2 * i)) & 3 if i < 3 else raw >> 6
     return parts
+
+
+class _Scratch(threading.local):
+    """One float32 buffer per thread that _codes_matmul converts code chunks into, reused across calls (grown to
+    the largest chunk, at most CACHE_CHUNK_BYTES); per thread, so concurrent generate calls never share it."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat float32 view of at least `numel` elements on `device` (valid until the next take)."""
+        if self.buffer.numel() < numel or self.buffer.device != device:
+            self.buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        return self.buffer
+
+
+_SCRATCH = _Scratch()
 
 
 class _Field:
     """One stored field (k or v) of a store's span, read once per call: codes (or 16-bit values) and, for codes,
     float scale and zero (B, Hkv, G, T). One group per part (or one over the whole head dim) stays codes, converted to
     float only inside the matmuls that read them (_codes_matmul) and factored into them; more groups per part are
-    dequantized here (then `quantized` is False)."""
+    dequantized here (then `quantized` is False). Keys per channel (`block`) keep the codes of the whole blocks
+    around the span and their scales / zeros per (block, channel), read by _channel_key_logits."""
 
     def __init__(self, store: KVStore, name: str, span: _Span, sliced: bool) -> None:
         self.bits = store.k_bits if name == "k" else store.v_bits
@@ -101,6 +123,17 @@ class _Field:
         self.quantized = self.bits != 16
         self.parts: torch.Tensor | None = None  # float parts (B, Hkv, P, T, W) once converted
         self.scale = self.zero = None  # float (B, Hkv, G, T): token-minor, so broadcasts over rows are contiguous
+        self.block = store.k_block if name == "k" else None  # keys per channel over blocks of this many tokens
+        if self.block is not None:  # whole blocks around the span: codes, and (B, Hkv, blocks, D) scales / zeros
+            first, last = span.begin // self.block * self.block, -(-span.end // self.block) * self.block
+            whole = _Span(first, last, None)
+            sliced = _one_page_per_row(store, last)
+            self.codes = _tokens(store.k, store, whole, sliced)
+            self.offset = span.begin - first  # the span's first token within the blocks
+            b, h = self.codes.shape[:2]
+            self.scale, self.zero = (_tokens(getattr(store, f"k_{part}"), store, whole, sliced).float()
+                                     .reshape(b, h, (last - first) // self.block, -1) for part in ("scale", "zero"))
+            return
         if not self.quantized:
             self.parts = self.codes.float().unsqueeze(2)
             return
@@ -131,32 +164,75 @@ class _Field:
 
 
 def _codes_matmul(lhs: torch.Tensor, field: _Field, keys: bool) -> torch.Tensor:
-    """lhs (B, Hkv, P, R, X) @ the field's float parts (B, Hkv, P, T, W), transposed for keys (X = W) -> (B, Hkv,
-    P, R, T or W). Key codes are converted to float32 in chunks of (row, kv head) pairs of at most
-    CACHE_CHUNK_BYTES, each multiplied while it is still in cache (measured on the CPU: 15% less time per decode
-    call than converting the whole span first; value chunks, with twice the ops per chunk, measured no gain)."""
+    """lhs (B, Hkv, P or 1, R, X) @ the field's float parts (B, Hkv, P, T, W), transposed for keys (X = W) -> (B, Hkv,
+    P, R, T or W). Codes are converted to float32 in chunks of (row, kv head) pairs and tokens of at most
+    CACHE_CHUNK_BYTES, written into one per-thread scratch buffer (_SCRATCH) and multiplied while still in cache:
+    no per-call allocation of the whole span's floats, which the allocator would return to the OS and page-fault
+    back every step (measured on the CPU: a third of an int8-int4 decode call)."""
     if field.parts is not None:
         return torch.matmul(lhs, field.parts.transpose(-1, -2) if keys else field.parts)
     codes = field.codes
     b, h, t, width = codes.shape
-    pairs = b * h
-    step = max(1, CACHE_CHUNK_BYTES // max(1, 4 * t * width * 8 // field.bits))
-    if step >= pairs or not keys:
-        parts = _float_codes(codes, field.bits)
-        return torch.matmul(lhs, parts.transpose(-1, -2) if keys else parts)
-    flat_lhs, flat_codes = lhs.reshape(pairs, *lhs.shape[2:]), codes.reshape(pairs, t, width)
-    n_parts, rows = lhs.shape[2], lhs.shape[3]
-    out = torch.empty(pairs, n_parts, rows, t, dtype=torch.float32, device=lhs.device)
+    pairs, n_parts, rows = b * h, field.n_parts, lhs.shape[3]
+    part_width = width * 8 // field.bits // n_parts
+    token_bytes = 4 * n_parts * part_width
+    chunk_tokens = max(1, min(t, CACHE_CHUNK_BYTES // token_bytes))
+    step = max(1, CACHE_CHUNK_BYTES // (token_bytes * max(t, 1))) if chunk_tokens == t else 1  # pairs per chunk
+    flat_lhs, flat_codes = lhs.reshape(pairs, lhs.shape[2], rows, -1), codes.reshape(1, pairs, t, width)
+    out = torch.zeros if t == 0 else torch.empty
+    out = out(pairs, n_parts, rows, t if keys else part_width, dtype=torch.float32, device=lhs.device)
     for i in range(0, pairs, step):
         j = min(pairs, i + step)
-        parts = _float_codes(flat_codes[None, i:j], field.bits)[0]  # (pairs, P, T, W)
-        torch.matmul(flat_lhs[i:j], parts.transpose(-1, -2), out=out[i:j])
+        for t0 in range(0, t, chunk_tokens):
+            t1 = min(t, t0 + chunk_tokens)
+            buffer = _SCRATCH.take((j - i) * n_parts * (t1 - t0) * part_width, codes.device)
+            parts = _float_codes(flat_codes[:, i:j, t0:t1], field.bits, buffer)[0]  # (pairs, P, T, W)
+            if keys and chunk_tokens == t:
+                torch.matmul(flat_lhs[i:j], parts.transpose(-1, -2), out=out[i:j])
+            elif keys:
+                out[i:j, :, :, t0:t1] = torch.matmul(flat_lhs[i:j], parts.transpose(-1, -2))
+            elif t0 == 0:
+                torch.matmul(flat_lhs[i:j, :, :, t0:t1], parts, out=out[i:j])
+            else:
+                out[i:j] += torch.matmul(flat_lhs[i:j, :, :, t0:t1], parts)
     return out.view(b, h, *out.shape[1:])
 
 
-def _key_logits(qs: torch.Tensor, keys: _Field, q_sums: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Logits (B, Hkv, R, T) of pre-scaled queries qs (B, Hkv, R, D) against a store's keys, from the codes:
+def _channel_key_logits(qs: torch.Tensor, keys: _Field, width: int) -> torch.Tensor:
+    """Logits (B, Hkv, R, width) of qs (B, Hkv, R, D) against per-channel keys, from the codes: per block i,
+    (q * s_i) . c + q . z_i, so the codes are only converted, never dequantized; converted in cache-sized chunks of
+    (row, kv head) pairs and blocks into the scratch buffer, like _codes_matmul."""
+    b, h, rows, head_dim = qs.shape
+    codes, block, n_parts = keys.codes, keys.block, keys.n_parts
+    pairs, tokens, part_width = b * h, codes.shape[2], head_dim // n_parts
+    blocks = tokens // block
+    block_bytes = 4 * head_dim * block
+    chunk_blocks = max(1, min(blocks, CACHE_CHUNK_BYTES // block_bytes))
+    step = max(1, CACHE_CHUNK_BYTES // (block_bytes * max(blocks, 1))) if chunk_blocks == blocks else 1
+    flat_q, flat_codes = qs.reshape(pairs, rows, head_dim), codes.reshape(1, pairs, tokens, codes.shape[-1])
+    scale, zero = keys.scale.reshape(pairs, blocks, head_dim), keys.zero.reshape(pairs, blocks, head_dim)
+    logits = torch.empty(pairs, rows, tokens, dtype=torch.float32, device=qs.device)
+    for i in range(0, pairs, step):
+        j = min(pairs, i + step)
+        for n0 in range(0, blocks, chunk_blocks):
+            n1 = min(blocks, n0 + chunk_blocks)
+            t0, t1 = n0 * block, n1 * block
+            buffer = _SCRATCH.take((j - i) * (t1 - t0) * head_dim, codes.device)
+            parts = _float_codes(flat_codes[:, i:j, t0:t1], keys.bits, buffer)[0]  # (pairs, P, T, W)
+            parts = parts.view(j - i, n_parts, n1 - n0, block, part_width)
+            scaled = flat_q[i:j, None] * scale[i:j, n0:n1, None]  # (pairs, n, R, D)
+            scaled = scaled.view(j - i, n1 - n0, rows, n_parts, part_width).permute(0, 3, 1, 2, 4)  # (pairs, P, n, R, W)
+            dots = torch.matmul(scaled, parts.transpose(-1, -2)).sum(1)  # (pairs, n, R, block)
+            dots.add_(torch.matmul(zero[i:j, n0:n1], flat_q[i:j].transpose(-1, -2)).unsqueeze(-1))  # + q . z_i
+            logits[i:j, :, t0:t1] = dots.transpose(1, 2).reshape(j - i, rows, t1 - t0)
+    return logits.view(b, h, rows, tokens)[..., keys.offset : keys.offset + width]
+
+
+def _key_logits(qs: torch.Tensor, keys: _Field, q_sums: dict[int, torch.Tensor], width: int) -> torch.Tensor:
+    """Logits (B, Hkv, R, T = width) of pre-scaled queries qs (B, Hkv, R, D) against a store's keys, from the codes:
     per part, (q.c) * s + sum(q) * z. `q_sums` caches sum(q) per group count (shared by the stores of a call)."""
+    if keys.block is not None:
+        return _channel_key_logits(qs, keys, width)
     b, h, rows, head_dim = qs.shape
     n_parts = keys.n_parts
     if n_parts == 1:
@@ -229,7 +305,8 @@ def _attend(
         logits = []
         for store, span, (keys, _) in zip(stores, spans, fields):
             rotated = store.k_rotation is not None
-            part = _key_logits(_rotated_queries(qs[:, :, r0:r1], store), keys, {} if rotated else q_sums)
+            part = _key_logits(_rotated_queries(qs[:, :, r0:r1], store), keys, {} if rotated else q_sums,
+                               span.end - span.begin)
             if span.valid is not None:
                 part.masked_fill_(~span.valid[:, None, None, :], -math.inf)
             if store.causal:  # rows are (head, query) pairs, query-minor

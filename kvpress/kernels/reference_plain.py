@@ -16,7 +16,7 @@ from kvpress.kernels.store import (
     check_stores,
     row_bounds,
 )
-from kvpress.kernels.store_access import gather_dequantized, token_span
+from kvpress.kernels.store_access import gather_channel_keys, gather_dequantized, token_span
 
 LOG2E = 1.4426950408889634
 REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows
@@ -25,6 +25,15 @@ REFERENCE_CHUNK_ELEMENTS = 1 << 25  # score elements per chunk of query rows
 def unrotated(tokens: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
     """Dequantized tokens back in the model's frame (stored rotated: x @ R, so x = stored @ R.T)."""
     return tokens if rotation is None else tokens @ rotation.T
+
+
+def _keys(store: KVStore, t_begin: int, t_end: int, group: int) -> torch.Tensor:
+    """float32 keys (B, Hkv, T, D) of logical tokens [t_begin, t_end): per token, or per channel (k_block)."""
+    if store.k_block is not None:
+        return gather_channel_keys(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end,
+                                   store.k_bits, store.k_block)
+    return gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
+                              group)
 
 
 def store_attention_plain(q: torch.Tensor, store: KVStore, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +48,7 @@ def store_attention_plain(q: torch.Tensor, store: KVStore, sm_scale: float) -> t
     t_begin, t_end = token_span(kv_start, kv_end, store.block_table, geo.page_size)
     if t_end <= t_begin or out.numel() == 0:
         return out, lse
-    keys = gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
-                              geo.k_group)  # fmt: skip
+    keys = _keys(store, t_begin, t_end, geo.k_group)
     values = gather_dequantized(store.v, store.v_scale, store.v_zero, store.block_table, t_begin, t_end,
                                 store.v_bits, geo.v_group)  # fmt: skip
     keys, values = unrotated(keys, store.k_rotation), unrotated(values, store.v_rotation)
@@ -91,8 +99,7 @@ def store_logits_plain(
     t_begin, t_end = token_span(kv_start, kv_end, store.block_table, geo.page_size)
     t_end = max(t_end, t_begin)
     batch, q_heads, head_dim = q.shape
-    keys = gather_dequantized(store.k, store.k_scale, store.k_zero, store.block_table, t_begin, t_end, store.k_bits,
-                              geo.k_group)  # fmt: skip
+    keys = _keys(store, t_begin, t_end, geo.k_group)
     keys = unrotated(keys, store.k_rotation)
     queries = q.float().reshape(batch, geo.kv_heads, geo.group, head_dim)
     logits = torch.matmul(queries, keys.transpose(-1, -2)).mul_(sm_scale * LOG2E).reshape(batch, q_heads, -1)

@@ -15,7 +15,9 @@ class KVStore:
     fields (bits 2 / 4 / 8) carry fp16 scale / zero (P, Hkv, S, D / group); 16-bit fields have none. `causal`: a
     prefill chunk over itself (its tokens 0..Q-1): query i sees tokens j <= i only. `k_rotation` / `v_rotation`:
     the tokens were stored rotated (x @ R): the twins rotate q and the output per store, the Triton entry points
-    per group of stores (kernels/rotation.py)."""
+    per group of stores (kernels/rotation.py). `k_block` G: keys quantized per channel over blocks of G tokens
+    (KIVI), scales in slot layout (kernels/affine.quantize_channels; k_scale (P, Hkv, S, D / G), k_group unused);
+    such a store is contiguous (one page per row) and holds whole blocks."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -33,6 +35,7 @@ class KVStore:
     causal: bool = False
     k_rotation: torch.Tensor | None = None  # stored keys are k @ k_rotation (D, D) orthogonal (kernels/rotation.py)
     v_rotation: torch.Tensor | None = None  # stored values are v @ v_rotation
+    k_block: int | None = None  # keys per channel over blocks of k_block tokens (None: per token)
 
     @property
     def page_size(self) -> int:
@@ -49,9 +52,10 @@ class KVStore:
         by (the bounds change per call)."""
         return self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero, self.block_table
 
-    def encoding(self) -> tuple[int, int, int | None, int | None, bool]:
-        """(k_bits, v_bits, k_group, v_group, causal): the compile-time part of the store besides its shapes."""
-        return self.k_bits, self.v_bits, self.k_group, self.v_group, self.causal
+    def encoding(self) -> tuple[int, int, int | None, int | None, bool, int | None]:
+        """(k_bits, v_bits, k_group, v_group, causal, k_block): the compile-time part of the store besides its
+        shapes."""
+        return self.k_bits, self.v_bits, self.k_group, self.v_group, self.causal, self.k_block
 
 
 def chunk_store(k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None) -> KVStore:
@@ -105,9 +109,11 @@ def _check_field(name: str, field: torch.Tensor, bits: int, head_dim: int) -> No
 
 
 def _resolve_group(
-    name: str, field: torch.Tensor, scale, zero, bits: int, group: int | None, head_dim: int
+    name: str, field: torch.Tensor, scale, zero, bits: int, group: int | None, head_dim: int,
+    per_channel: bool = False,
 ) -> int:
-    """Check the scale/zero fields of a quantized field and return its group size (head_dim when unquantized)."""
+    """Check the scale/zero fields of a quantized field and return its group size (head_dim when unquantized;
+    `per_channel`: the block of per-channel keys, whose D / G scale columns per slot need not split the halves)."""
     if bits == 16:
         if scale is not None or zero is not None:
             raise ValueError(f"{name}_scale and {name}_zero must be None when {name}_bits=16")
@@ -129,11 +135,21 @@ def _resolve_group(
     resolved = head_dim // n_groups
     if group is not None and group != resolved:
         raise ValueError(f"{name}_group={group} disagrees with {name}_scale width {n_groups} (head_dim {head_dim})")
-    if bits < 8 and resolved != head_dim and (head_dim // 2) % resolved != 0:
+    if bits < 8 and not per_channel and resolved != head_dim and (head_dim // 2) % resolved != 0:
         raise ValueError(
             f"{name}_group={resolved} must divide head_dim/2={head_dim // 2} or equal head_dim for {bits}-bit codes"
         )
     return resolved
+
+
+def _check_channel_block(store: KVStore, head_dim: int) -> None:
+    """Per-channel keys: quantized, a power-of-two block dividing head_dim, one page per row."""
+    block = store.k_block
+    if store.k_bits == 16 or isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise ValueError(f"k_block needs quantized keys and a power of two >= 2; got k_bits={store.k_bits}, "
+                         f"k_block={block!r}")
+    if store.block_table.dim() != 2 or store.block_table.shape[1] != 1:
+        raise ValueError("a store of per-channel keys (k_block) must be contiguous: one page per row")
 
 
 def check_bounds(store: KVStore, batch: int, device: torch.device, label: str = "store") -> None:
@@ -166,7 +182,11 @@ def check_store(q: torch.Tensor, store: KVStore, label: str = "store") -> StoreG
     kv_heads = k.shape[1]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
-    k_group = _resolve_group("k", k, store.k_scale, store.k_zero, store.k_bits, store.k_group, head_dim)
+    k_group = _resolve_group("k", k, store.k_scale, store.k_zero, store.k_bits,
+                             store.k_group if store.k_block is None else store.k_block, head_dim,
+                             per_channel=store.k_block is not None)
+    if store.k_block is not None:
+        _check_channel_block(store, head_dim)
     _check_field("v", v, store.v_bits, head_dim)
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
         raise ValueError(f"k and v must share (P, Hkv, S); got {tuple(k.shape)} and {tuple(v.shape)}")

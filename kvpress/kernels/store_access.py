@@ -2,6 +2,8 @@
 gathering through block tables and dequantization of gathered codes (docs/STORAGE_LAYOUT.md)."""
 import torch
 
+from kvpress.kernels.affine import dequantize_channels
+
 
 def store_addressing(block_table: torch.Tensor, page_size: int) -> tuple[bool, int]:
     """(CONTIGUOUS, PAGE_SHIFT): how the Triton kernels address a store's tokens, decided from shapes only (no
@@ -93,6 +95,28 @@ def gather_dequantized(
         bits,
         group,
     )
+
+
+def gather_channel_keys(
+    field: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    block_table: torch.Tensor,
+    t_begin: int,
+    t_end: int,
+    bits: int,
+    block: int,
+) -> torch.Tensor:
+    """Keys quantized per channel over blocks of `block` tokens (KVStore.k_block), logical tokens [t_begin, t_end)
+    of every row dequantized: float32 (B, Hkv, T, D). The whole blocks around the span are read (their scales sit
+    in slot layout across the block, kernels/affine.quantize_channels)."""
+    first = t_begin // block * block
+    last = -(-t_end // block) * block
+    contiguous = _is_contiguous_store(field, block_table, last)
+    codes, scales, zeros = (gather_tokens(t, block_table, first, last, contiguous) for t in (field, scale, zero))
+    head_dim = field.shape[-1] * 8 // bits
+    keys = dequantize_channels(codes, scales, zeros, bits, block, head_dim)
+    return keys[:, :, t_begin - first : t_end - first]
 
 
 def token_span(

@@ -1,6 +1,7 @@
 """Triton helpers that load stored tokens (contiguous or paged, 16-bit or quantized) into register tiles: page
-lookup, code unpacking (split-halves int4, split-quarters int2), the fp16 bit trick, and the per-group affine
-x = code * scale + zero."""
+lookup, code unpacking (split-halves int4, split-quarters int2), the fp16 bit trick, and the affine
+x = code * scale + zero per group of a token (load_token_halves) or per channel of a block of tokens
+(load_channel_halves: keys of KVStore.k_block)."""
 from kvpress.kernels.triton_compat import tl, triton
 
 
@@ -45,17 +46,11 @@ def _fp16_from_codes(codes):
 
 
 @triton.jit
-def load_token_halves(
-    base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
-    HALF: tl.constexpr, HALF_TILE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr,
-    FP16_CODES: tl.constexpr,
+def _load_code_halves(
+    base_ptr, row_offsets, stride_x, token_mask, HALF: tl.constexpr, HALF_TILE: tl.constexpr, BITS: tl.constexpr
 ):  # fmt: skip
-    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF_TILE) half-vectors of dtype COMPUTE
-    (HALF real columns each; padding columns, when HALF_TILE > HALF, are masked: finite values, never used).
-
-    FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
-    loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
-    """
+    """Load BLOCK_N stored tokens' codes (or 16-bit values) as two (BLOCK_N, HALF_TILE) halves, unpacked (split
+    halves / split quarters) but not converted; padding columns (HALF_TILE > HALF) read 0."""
     cols = tl.arange(0, HALF_TILE)
     mask = token_mask[:, None]
     if HALF_TILE != HALF:  # padded head dim: no load past a half's HALF columns
@@ -76,16 +71,38 @@ def load_token_halves(
     else:
         low = tl.load(base_ptr + row_offsets[:, None] + cols[None, :] * stride_x, mask=mask, other=0)
         high = tl.load(base_ptr + row_offsets[:, None] + (cols[None, :] + HALF) * stride_x, mask=mask, other=0)
+    return low, high
+
+
+@triton.jit
+def _codes_to_float(codes, FP16_CODES: tl.constexpr):
+    """Codes as fp16 by the bit trick when FP16_CODES, else as float32: the dtype the affine runs in."""
+    if FP16_CODES:
+        values = _fp16_from_codes(codes)
+    else:
+        values = codes.to(tl.float32)
+    return values
+
+
+@triton.jit
+def load_token_halves(
+    base_ptr, scale_ptr, zero_ptr, row_offsets, scale_row_offsets, stride_x, stride_g, token_mask,
+    HALF: tl.constexpr, HALF_TILE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, COMPUTE: tl.constexpr,
+    FP16_CODES: tl.constexpr,
+):  # fmt: skip
+    """Load BLOCK_N stored tokens and dequantize them into two (BLOCK_N, HALF_TILE) half-vectors of dtype COMPUTE
+    (HALF real columns each; padding columns, when HALF_TILE > HALF, are masked: finite values, never used).
+
+    FP16_CODES (COMPUTE is fp16): codes become fp16 by bit tricks and the affine runs in fp16, so the hot
+    loop has no int->float or float->half conversions; otherwise it runs in fp32 and is cast at the end.
+    """
+    low, high = _load_code_halves(base_ptr, row_offsets, stride_x, token_mask, HALF, HALF_TILE, BITS)
     if BITS == 16:
         low = low.to(COMPUTE)
         high = high.to(COMPUTE)
     else:
-        if FP16_CODES:
-            low = _fp16_from_codes(low)
-            high = _fp16_from_codes(high)
-        else:
-            low = low.to(tl.float32)
-            high = high.to(tl.float32)
+        low = _codes_to_float(low, FP16_CODES)
+        high = _codes_to_float(high, FP16_CODES)
         low = _apply_group_affine(low, scale_ptr, zero_ptr, scale_row_offsets, 0, stride_g, token_mask, HALF,
                                   HALF_TILE, GROUP)  # fmt: skip
         high = _apply_group_affine(high, scale_ptr, zero_ptr, scale_row_offsets, 1, stride_g, token_mask, HALF,
@@ -93,6 +110,47 @@ def load_token_halves(
         low = low.to(COMPUTE)
         high = high.to(COMPUTE)
     return low, high
+
+
+@triton.jit
+def _apply_channel_affine(
+    codes, scale_ptr, zero_ptr, block_rows, half_index, stride_s, stride_g, token_mask,
+    HALF: tl.constexpr, HALF_TILE: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """x = code * scale + zero, in the codes' dtype, for one (BLOCK_N, HALF_TILE) half of per-channel codes: channel
+    d of a token's block has its scale / zero at the block's first slot (`block_rows`: its offset) + d // WIDTH,
+    column d % WIDTH (slot layout, WIDTH = head_dim / block); padding columns read 0."""
+    cols = tl.arange(0, HALF_TILE)
+    channels = half_index * HALF + cols
+    mask = token_mask[:, None]
+    if HALF_TILE != HALF:
+        mask = mask & (cols < HALF)[None, :]
+    offsets = block_rows[:, None] + ((channels // WIDTH) * stride_s + (channels % WIDTH) * stride_g)[None, :]
+    scale = tl.load(scale_ptr + offsets, mask=mask, other=0).to(codes.dtype)
+    zero = tl.load(zero_ptr + offsets, mask=mask, other=0).to(codes.dtype)
+    return codes * scale + zero
+
+
+@triton.jit
+def load_channel_halves(
+    base_ptr, scale_ptr, zero_ptr, row_offsets, slots, stride_x, stride_s, stride_g, token_mask,
+    HALF: tl.constexpr, HALF_TILE: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
+    FP16_CODES: tl.constexpr,
+):  # fmt: skip
+    """load_token_halves for keys quantized per channel over blocks of BLOCK tokens (KVStore.k_block): the tokens'
+    codes load as per-token codes do; each (token, channel) takes the scale / zero of its block in slot layout
+    (`slots`: the tokens' slots in their row's one page, as the store is contiguous; scale / zero strides stride_s
+    per slot, stride_g per column)."""
+    low, high = _load_code_halves(base_ptr, row_offsets, stride_x, token_mask, HALF, HALF_TILE, BITS)
+    low = _codes_to_float(low, FP16_CODES)
+    high = _codes_to_float(high, FP16_CODES)
+    WIDTH: tl.constexpr = 2 * HALF // BLOCK
+    block_rows = ((slots // BLOCK) * BLOCK).to(tl.int64) * stride_s
+    low = _apply_channel_affine(low, scale_ptr, zero_ptr, block_rows, 0, stride_s, stride_g, token_mask, HALF,
+                                HALF_TILE, WIDTH)  # fmt: skip
+    high = _apply_channel_affine(high, scale_ptr, zero_ptr, block_rows, 1, stride_s, stride_g, token_mask, HALF,
+                                 HALF_TILE, WIDTH)  # fmt: skip
+    return low.to(COMPUTE), high.to(COMPUTE)
 
 
 # Addressing a store's tokens (docs/STORAGE_LAYOUT.md), specialised at compile time per store (see

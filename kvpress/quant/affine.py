@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..kernels import quantize_store
-from ..kernels.affine import dequantize, quantize
+from ..kernels.affine import check_token_block, dequantize, dequantize_channels, quantize, quantize_channels
 from ..kernels.affine_layout import check_bits, code_width, effective_group_size, group_count
 from ..kernels.rotation import hadamard_rotation
 from .codec_base import KVCodec
@@ -21,7 +21,9 @@ class AffineCodec(KVCodec):
     """Keys and values quantized per (token, head, group of head_dim elements) to `k_bits` / `v_bits` (2, 4 or 8);
     fields "k", "k_scale", "k_zero", "v", "v_scale", "v_zero". Groups of None span the whole head_dim. With
     `rotate_k` / `rotate_v` the codes are of k @ R / v @ R (randomised Hadamard); decode rotates back, and the stores
-    carry R so the attention rotates q and its output (kernels/rotation.py)."""
+    carry R so the attention rotates q and its output (kernels/rotation.py). With `k_block` G, keys are quantized per
+    channel over blocks of G tokens (KIVI: keys have outlier channels, so a channel's range is tighter than a
+    token's; kernels/affine.quantize_channels), and tokens are encoded and stored in whole blocks."""
 
     k_bits: int = 8
     v_bits: int = 4
@@ -29,16 +31,22 @@ class AffineCodec(KVCodec):
     v_group: int | None = 32
     rotate_k: bool = False  # store k @ R (randomised Hadamard, kernels/rotation.py) instead of k
     rotate_v: bool = False
+    k_block: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.k_bits, "k_bits")
         check_bits(self.v_bits, "v_bits")
+        if self.k_block is not None and self.k_group is not None:
+            raise ValueError(f"keys per channel (k_block={self.k_block}) have no head-dim group; got "
+                             f"k_group={self.k_group}")
 
     @classmethod
     def from_spec(cls, spec: Any) -> AffineCodec:
-        """QuantSpec fields k_bits, v_bits, k_group_size, group_size, rotate ("none", "k", "v" or "kv")."""
+        """QuantSpec fields k_bits, v_bits, k_group_size, group_size, rotate ("none", "k", "v" or "kv"), k_block."""
         rotate = getattr(spec, "rotate", "none")
-        return cls(spec.k_bits, spec.v_bits, spec.k_group_size, spec.group_size, "k" in rotate, "v" in rotate)
+        k_block = getattr(spec, "k_block", None)
+        return cls(spec.k_bits, spec.v_bits, None if k_block else spec.k_group_size, spec.group_size, "k" in rotate,
+                   "v" in rotate, k_block)
 
     def rotations(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         matrix = hadamard_rotation(head_dim, device) if self.rotate_k or self.rotate_v else None
@@ -59,27 +67,39 @@ class AffineCodec(KVCodec):
 
     def check_head_dim(self, head_dim: int) -> None:
         self.group_sizes(head_dim)
+        if self.k_block is not None:
+            check_token_block(head_dim, self.k_block)
         if (self.rotate_k or self.rotate_v) and head_dim & (head_dim - 1):
             raise ValueError(f"rotated codes need a power-of-two head_dim (Hadamard); got {head_dim}")
 
     def group_sizes(self, head_dim: int) -> tuple[int, int]:
-        return (effective_group_size(head_dim, self.k_bits, self.k_group),
-                effective_group_size(head_dim, self.v_bits, self.v_group))
+        """(K, V) head-dim elements per scale column; per-channel keys: head_dim / columns = k_block."""
+        k_group = self.k_block if self.k_block is not None else effective_group_size(head_dim, self.k_bits,
+                                                                                      self.k_group)
+        return k_group, effective_group_size(head_dim, self.v_bits, self.v_group)
 
     def bytes_per_token(self, head_dim: int, input_dtype: torch.dtype = torch.float16) -> int:
-        """Codes plus an fp16 scale and zero per group, for K and V (independent of the input dtype)."""
-        return sum(code_width(head_dim, bits) + 4 * group_count(head_dim, bits, group)
-                   for _, bits, group in self._parts())
+        """Codes plus an fp16 scale and zero per group, for K and V (independent of the input dtype); per-channel
+        keys hold head_dim pairs per block of k_block tokens, head_dim / k_block per token."""
+        k_meta = 4 * (head_dim // self.k_block if self.k_block else group_count(head_dim, self.k_bits, self.k_group))
+        return (code_width(head_dim, self.k_bits) + k_meta + code_width(head_dim, self.v_bits)
+                + 4 * group_count(head_dim, self.v_bits, self.v_group))
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         fields = {}
         for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
-            fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = quantize(x, bits, group)
+            if name == "k" and self.k_block is not None:
+                fields["k"], fields["k_scale"], fields["k_zero"] = quantize_channels(x, bits, self.k_block)
+            else:
+                fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = quantize(x, bits, group)
         return fields
 
     def decode(self, fields: dict[str, torch.Tensor], head_dim: int,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = (dequantize(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits, group, head_dim, dtype)
+        k, v = (dequantize_channels(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits,
+                                    self.k_block, head_dim, dtype)
+                if name == "k" and self.k_block is not None else
+                dequantize(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits, group, head_dim, dtype)
                 for name, bits, group in self._parts())
         rk, rv = self.rotations(head_dim, k.device)
         k = k if rk is None else (k.float() @ rk.T).to(dtype)
@@ -90,5 +110,6 @@ class AffineCodec(KVCodec):
               dst_start: torch.Tensor) -> None:
         """The fused quantize-and-store kernel (Triton on CUDA), K then V: no encoded copy is made first."""
         for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
+            block = {"token_block": self.k_block} if name == "k" and self.k_block is not None else {}
             quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], block_table, dst_start,
-                           bits, group, check_values=False)
+                           bits, group, check_values=False, **block)

@@ -16,15 +16,22 @@ import torch
 class KVCodec(ABC):
     """One encoding of K and V tokens: fields, encode / decode / store, bytes and kernel layout.
 
-    Subclasses set `k_bits`, `v_bits` (16 = unquantized; the kernels read 4, 8 and 16) and `k_group`, `v_group`
-    (head-dim elements per (scale, zero) pair; None = one group of head_dim), and are compared by value (frozen
-    dataclasses): two equal codecs give every token the same fields.
+    Subclasses set `k_bits`, `v_bits` (16 = unquantized; the kernels read 2, 4, 8 and 16) and `k_group`, `v_group`
+    (head-dim elements per (scale, zero) pair; None = one group of head_dim), optionally `k_block` (keys per
+    channel), and are compared by value (frozen dataclasses): two equal codecs give every token the same fields.
     """
 
     k_bits: int
     v_bits: int
     k_group: int | None
     v_group: int | None
+    k_block: int | None = None  # keys per channel over blocks of k_block tokens (KIVI); None: per token
+
+    @property
+    def token_block(self) -> int:
+        """Tokens that must be encoded together (a block of per-channel keys), 1 when each token stands alone:
+        segments write this codec's tokens in whole blocks."""
+        return self.k_block or 1
 
     @classmethod
     @abstractmethod

@@ -21,15 +21,17 @@ def accepted_forms() -> str:
         "'int8' (both 8-bit), 'int4' (both 4-bit), 'int2' (both 2-bit), optionally prefixed by a registered codec "
         "name and '-' "
         f"({', '.join(sorted(CODECS))}; default {DEFAULT_CODEC}), each optionally followed by ':'-separated options "
-        "g<N>|gnone (value group size), kg<N>|kgnone (key group size), r<N> (residual tokens), s<N> (sink tokens), "
+        "g<N>|gnone (value group size), kg<N>|kgnone (key group size), kc<N>|kcnone (keys per channel over blocks "
+        "of N tokens, KIVI; none: per token), r<N> (residual tokens), s<N> (sink tokens), "
         "rotk|rotv|rotkv|rotnone (Hadamard-rotate keys / values before encoding), "
         "e.g. 'int8-int4:g32:r128:s4'"
     )
 
 _BITS_PATTERN = re.compile(r"^(?:(?!int\d)([a-z][a-z0-9_]*)-)?int(\d+)(?:-int(\d+))?$")
-_OPTION_PATTERN = re.compile(r"^(kg|g|rot|r|s)(\d+|none|k|v|kv)$")
+_OPTION_PATTERN = re.compile(r"^(kg|kc|g|rot|r|s)(\d+|none|k|v|kv)$")
 ROTATIONS = ("none", "k", "v", "kv")
-_OPTION_FIELDS = {"kg": "k_group_size", "g": "group_size", "r": "residual", "s": "n_sink", "rot": "rotate"}
+_OPTION_FIELDS = {"kg": "k_group_size", "kc": "k_block", "g": "group_size", "r": "residual", "s": "n_sink",
+                  "rot": "rotate"}
 
 
 def default_rotation(k_bits: int, v_bits: int) -> str:
@@ -44,6 +46,14 @@ def default_value_group(v_bits: int) -> int:
     per head at head_dim 64, measured both smaller and closer to the full cache than g32 there (KL 0.0043 vs
     0.0058, top-1 98.0% vs 95.7%, eval/results/quant_lowbit_4texts.md)."""
     return 64 if v_bits <= 2 else 32
+
+
+def default_key_block(k_bits: int) -> int | None:
+    """Keys per channel over blocks of 64 tokens (KIVI) for 2-bit keys, per token otherwise: measured on the default
+    model (eval/results/quant_per_channel.md), per-channel 2-bit keys divide int2-int2's KL by about four at the
+    same bytes, while 4-bit keys gain little and would lose prefix sharing and per-head budgets (which need
+    per-token codes)."""
+    return 64 if k_bits <= 2 else None
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -64,6 +74,17 @@ def _fitting_group(head_dim: int, bits: int, group: int | None) -> int | None:
     return size if size > 1 and span % size == 0 else None
 
 
+def _fitting_block(head_dim: int, block: int | None) -> int | None:
+    """The largest power of two <= `block` that divides head_dim (the slots of a block hold its channels' scales);
+    None stays None."""
+    if block is None:
+        return None
+    size = block
+    while size > 2 and head_dim % size:
+        size //= 2
+    return size if head_dim % size == 0 else None
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """KV quantization settings: key/value bits, group sizes along head_dim (None = one group of D),
@@ -74,7 +95,12 @@ class QuantSpec:
     `adapt_groups` (not part of equality): the group sizes are defaults nobody asked for (a string without g/kg
     options, or None), so `fit(head_dim)` shrinks them to fit the model; explicit ones are checked, never changed.
     `adapt_rotation` (not part of equality): likewise for a default rotation (no rot option): `fit` drops it where the
-    Hadamard transform does not exist (head_dim not a power of two, e.g. 80 or 96); an explicit one raises there."""
+    Hadamard transform does not exist (head_dim not a power of two, e.g. 80 or 96); an explicit one raises there.
+    `k_block` (None = per token): keys quantized per channel over blocks of that many tokens (KIVI); a default one
+    (adapt_groups) shrinks in `fit` to divide head_dim, and `per_token_keys()` is the spec for stores that need
+    per-token codes. `adapt_block` (not part of equality, kept by `fit`): the block is a default nobody asked for (no
+    kc option), so `for_storage` may fall back to per-token keys where the storage needs them; an explicit one
+    raises there."""
 
     k_bits: int = 8
     v_bits: int = 4
@@ -84,7 +110,9 @@ class QuantSpec:
     n_sink: int = 4
     codec: str = DEFAULT_CODEC
     rotate: str | None = None
+    k_block: int | None = None
     adapt_groups: bool = field(default=False, compare=False)
+    adapt_block: bool = field(default=False, compare=False)
     adapt_rotation: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +125,7 @@ class QuantSpec:
             self.build_codec()  # the codec checks the bits (and anything else it needs)
         except ValueError as err:
             raise ValueError(f"QuantSpec: {err}") from None
-        for name in ("k_group_size", "group_size"):
+        for name in ("k_group_size", "group_size", "k_block"):
             size = getattr(self, name)
             if size is None:
                 continue
@@ -130,7 +158,8 @@ class QuantSpec:
         v_bits = int(match.group(3)) if match.group(3) else k_bits
         try:
             result = cls(k_bits=k_bits, v_bits=v_bits, group_size=default_value_group(v_bits), codec=codec,
-                         adapt_groups=True)
+                         k_block=default_key_block(k_bits), adapt_groups=True,
+                         adapt_block=default_key_block(k_bits) is not None)
         except ValueError as err:
             raise ValueError(
                 f"unsupported codec or bit width in {spec!r} ({err}); accepted: {accepted_forms()}"
@@ -150,9 +179,11 @@ class QuantSpec:
                 continue
             if not raw.isdigit() and raw != "none":
                 raise ValueError(f"unknown option {option!r} in quantization spec {spec!r}; accepted: {accepted_forms()}")
-            if raw == "none" and key not in ("g", "kg"):
+            if raw == "none" and key not in ("g", "kg", "kc"):
                 raise ValueError(f"option {option!r} needs a number; accepted: {accepted_forms()}")
             explicit = {"adapt_groups": False} if key in ("g", "kg") else {}
+            if key == "kc":
+                explicit = {"adapt_block": False}
             result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)}, **explicit)
         return result
 
@@ -162,8 +193,11 @@ class QuantSpec:
             return "none" if n is None else str(n)
 
         prefix = "" if self.codec == DEFAULT_CODEC else f"{self.codec}-"
+        keys = f"kc{self.k_block}" if self.k_block is not None else f"kg{size(self.k_group_size)}"
+        if self.k_block is None and default_key_block(self.k_bits) is not None:
+            keys += ":kcnone"
         return (
-            f"{prefix}int{self.k_bits}-int{self.v_bits}:kg{size(self.k_group_size)}:g{size(self.group_size)}"
+            f"{prefix}int{self.k_bits}-int{self.v_bits}:{keys}:g{size(self.group_size)}"
             f":r{self.residual}:s{self.n_sink}"
             + ("" if self.rotate == default_rotation(self.k_bits, self.v_bits) else f":rot{self.rotate}")
         )
@@ -173,12 +207,13 @@ class QuantSpec:
         self.build_codec().check_head_dim(head_dim)
 
     def fit(self, head_dim: int) -> QuantSpec:
-        """This spec for a model of `head_dim`: default groups (adapt_groups) shrink to the largest power of two that
-        fits (one group if none does), so head_dim 64 and 128 keep the defaults; explicit groups that do not fit raise
-        a ValueError naming the nearest valid spec string."""
+        """This spec for a model of `head_dim`: default groups (adapt_groups) and a default key block (adapt_block)
+        shrink to the largest power of two that fits (one group if none does), so head_dim 64 and 128 keep the
+        defaults; explicit ones that do not fit raise a ValueError naming the nearest valid spec string."""
         fitted = replace(self, k_group_size=_fitting_group(head_dim, self.k_bits, self.k_group_size),
                          group_size=_fitting_group(head_dim, self.v_bits, self.group_size), adapt_groups=False,
-                         adapt_rotation=False)
+                         adapt_rotation=False, k_block=_fitting_block(head_dim, self.k_block),
+                         adapt_block=self.adapt_block)
         if not _is_power_of_two(head_dim) and self.rotate != "none":  # no Hadamard transform of this size
             fitted = replace(fitted, rotate="none")
             if not self.adapt_rotation:
@@ -186,17 +221,36 @@ class QuantSpec:
                                  f"power-of-two head_dim; this model's is {head_dim}. The nearest valid spec is "
                                  f"{str(fitted)!r} (or leave the rot option out to let kvpress pick).")
             self = replace(self, rotate="none", adapt_rotation=False)  # a default nobody asked for: dropped
+        block = fitted.k_block if self.adapt_block else self.k_block  # an explicit kc is checked, never changed
         if self.adapt_groups:
-            fitted.check_head_dim(head_dim)
-            return fitted
+            result = replace(fitted, k_block=block)
+        else:
+            result = replace(self, k_block=block, adapt_groups=False, adapt_rotation=False)
         try:
-            self.check_head_dim(head_dim)
+            result.check_head_dim(head_dim)
         except ValueError as err:
             raise ValueError(
                 f"quantization spec {str(self)!r} does not fit this model's head_dim={head_dim}: {err}; the nearest "
                 f"valid spec is {str(fitted)!r} (or leave the group sizes out to let kvpress pick them)"
             ) from None
-        return self
+        return result
+
+    def for_storage(self, reason: str | None) -> QuantSpec:
+        """This spec for a cache whose storage moves single tokens (`reason` says which setting does; None: none
+        does): keys per channel fall back to per token when the block is a default, and raise when it was asked
+        for (a block's tokens must stay together)."""
+        if reason is None or self.k_block is None:
+            return self
+        if self.adapt_block:
+            return self.per_token_keys()
+        raise ValueError(f"quantization spec {str(self)!r} quantizes keys per channel over blocks of {self.k_block} "
+                         f"tokens, which must stay together, but {reason}. Use "
+                         f"{str(self.per_token_keys())!r} (keys per token) or leave the kc option out.")
+
+    def per_token_keys(self) -> QuantSpec:
+        """This spec with keys quantized per token (one group of head_dim) instead of per channel: for stores whose
+        tokens are kept or moved one at a time (per-head budgets, decode-time eviction, shared prefix pages)."""
+        return self if self.k_block is None else replace(self, k_block=None, k_group_size=None)
 
     def bytes_per_token_head(self, head_dim: int) -> int:
         """Bytes one quantized token uses per kv-head (the codec's count: codes plus scales and zeros)."""
