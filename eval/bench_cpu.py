@@ -1,8 +1,9 @@
 """CPU cost of compression on the default model: prefill seconds and decode ms/step per cache configuration.
 
-One run, rows interleaved round by round (each round runs every config once, in order), so that a slow moment of the
-machine hits every config alike; the figure of a config is its best round. The first decode step is reported apart:
-a press compresses the prompt there.
+One run, rows interleaved: each round prefills every config in turn, keeps all their caches, then runs the decode
+steps one config after another, step by step, so that a slow spell of the (shared) machine hits every config alike;
+a round's decode figure is the median step, and a config's figure is its best round. The first decode step is
+reported apart: a press compresses the prompt there.
 
     python eval/bench_cpu.py                      # 3k-token prompt, 2 threads, 2 rounds -> eval/results/bench_cpu.json
     python eval/bench_cpu.py --tokens 1024 --steps 8 --rounds 1 --configs full int8-int4   # quick look
@@ -77,9 +78,9 @@ def make_cache(spec: dict[str, Any], model):
 
 
 @torch.inference_mode()
-def run_once(model, ids: torch.Tensor, spec: dict[str, Any], steps: int, chunk: int | None,
-             clock=time.perf_counter) -> dict[str, Any]:
-    """Prefill, one first decode step, then `steps` timed greedy decode steps; seconds and bytes of this run."""
+def prefill(model, ids: torch.Tensor, spec: dict[str, Any], chunk: int | None, clock=time.perf_counter) -> dict:
+    """A fresh cache for `spec`, the prompt prefilled (in chunks of `chunk`) and one first decode step (where a press
+    compresses): the live state of one row of a round, with those two timings."""
     cache = make_cache(spec, model)
     key = cache_keyword(model)
     start = clock()
@@ -87,20 +88,37 @@ def run_once(model, ids: torch.Tensor, spec: dict[str, Any], steps: int, chunk: 
     for lo in range(0, ids.shape[1], size):
         out = model(input_ids=ids[:, lo : lo + size], use_cache=True, logits_to_keep=1, **{key: cache})
     prefill_s = clock() - start
-    token = out.logits[:, -1:].argmax(-1)
     start = clock()
-    out = model(input_ids=token, use_cache=True, **{key: cache})
-    first_ms = 1000 * (clock() - start)
-    times = []
+    out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{key: cache})
+    return {"cache": cache, "key": key, "logits": out.logits, "prefill_s": prefill_s,
+            "first_step_ms": 1000 * (clock() - start), "steps_ms": []}
+
+
+@torch.inference_mode()
+def decode_step(model, state: dict, clock=time.perf_counter) -> None:
+    """One timed greedy decode step of a row's live state."""
+    token = state["logits"][:, -1:].argmax(-1)
+    start = clock()
+    state["logits"] = model(input_ids=token, use_cache=True, **{state["key"]: state["cache"]}).logits
+    state["steps_ms"].append(1000 * (clock() - start))
+
+
+def run_round(model, ids: torch.Tensor, rows_of: list[tuple[str, str, int | None]], steps: int,
+              clock=time.perf_counter) -> dict[str, dict[str, Any]]:
+    """Every row prefilled in turn, then `steps` decode steps interleaved across the rows (one step of each row,
+    again and again), so that a slow spell of a shared machine hits every row alike; the median step per row."""
+    states = {row: prefill(model, ids, CONFIGS[name], chunk, clock) for row, name, chunk in rows_of}
     for _ in range(steps):
-        token = out.logits[:, -1:].argmax(-1)
-        start = clock()
-        out = model(input_ids=token, use_cache=True, **{key: cache})
-        times.append(1000 * (clock() - start))
-    nbytes = cache.stats()["nbytes"] if isinstance(cache, kvpress.KVPressCache) else hf_memory(cache, model.config)[
-        "nbytes"]
-    return {"prefill_s": prefill_s, "first_step_ms": first_ms, "decode_ms_per_step": statistics.median(times),
-            "nbytes": nbytes}
+        for state in states.values():
+            decode_step(model, state, clock)
+    runs = {}
+    for row, state in states.items():
+        cache = state["cache"]
+        nbytes = (cache.stats()["nbytes"] if isinstance(cache, kvpress.KVPressCache)
+                  else hf_memory(cache, model.config)["nbytes"])
+        runs[row] = {"prefill_s": state["prefill_s"], "first_step_ms": state["first_step_ms"],
+                     "decode_ms_per_step": statistics.median(state["steps_ms"]), "nbytes": nbytes}
+    return runs
 
 
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,15 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         args.model)
     kvpress.wrap(model)  # HF caches fall back to SDPA inside the kvpress attention (no KVPressCache in use)
     ids = prose_token_ids(tok, 0, args.tokens)
-    for name in args.configs:  # warm-up (one-off costs such as quanto's kernel build), not recorded
-        run_once(model, ids[:, :256], CONFIGS[name], 2, None)
     chunks = args.prefill_chunks or [args.prefill_chunk or 0]
     rows_of = [(name if args.prefill_chunks is None else f"{name} @ chunk {chunk or 'whole'}", name, chunk or None)
                for name in args.configs for chunk in chunks]
+    run_round(model, ids[:, :256], rows_of, 2)  # warm-up (one-off costs such as quanto's kernel build), not recorded
     runs: dict[str, list] = {row: [] for row, _, _ in rows_of}
     for round_index in range(args.rounds):
-        for row, name, chunk in rows_of:
-            run = run_once(model, ids, CONFIGS[name], args.steps, chunk, clock)
+        for row, run in run_round(model, ids, rows_of, args.steps, clock).items():
             runs[row].append(run)
             print(f"round {round_index + 1} {row:36s} prefill {run['prefill_s']:6.2f} s  first step "
                   f"{run['first_step_ms']:7.1f} ms  decode {run['decode_ms_per_step']:7.1f} ms/step", flush=True)

@@ -44,7 +44,7 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3_96")
 ALL_SLIDING = {"mistral"}  # every layer slides: a press or quant is refused at wrap
 NO_PREFIX = {"mistral", "gemma3"}  # sliding layers: prefix sharing is refused
 PRESSES = (None, "snapkv", "tova", "h2o", "streaming", "knorm")
-QUANTS = (None, "int8-int4", "int4")
+QUANTS = (None, "int8-int4", "int4")  # and int2-int2 (keys per channel), drawn on its own stream in draw()
 # max |logit difference| where tokens may still flip: fp32 / bf16 rounding; quantized runs may also flip a code whose
 # input moved by rounding (one int4 step of one value), never more
 TOLERANCE = {(torch.float32, False): 2e-3, (torch.bfloat16, False): 0.15,
@@ -93,6 +93,8 @@ def draw(case_id: int) -> Case:
         options += [] if budget == "uniform" else [f"budget={budget}"]  # own stream: earlier cases draw as before
         press = f"{press}:{rng.choice([0.25, 0.5, 0.75])}" + (f":{','.join(options)}" if options else "")
     if quant is not None:
+        if random.Random(SEED * 37 + case_id).random() < 0.3:  # own stream: earlier cases draw as before
+            quant = "int2-int2"  # keys per channel in blocks (a default block: per token where storage needs it)
         quant = f"{quant}:r{rng.choice([4, 16, 128])}:s{rng.choice([0, 2, 4])}"  # no g option: default groups
     mode = rng.choice(["greedy", "greedy", "sample", "beam"])
     prefix = arch not in NO_PREFIX and rng.random() < 0.5
@@ -246,7 +248,8 @@ def run_case(case: Case) -> None:
                 return  # this press refuses prefix sharing (it needs every prompt query): nothing more to compare
             pool_quant = None
             if case.pool_quant and case.quant is not None:
-                pool_quant = str(QuantSpec.parse(case.quant).fit(head_dim))
+                # the request's codes as wrap resolves them for prefix sharing (per-token keys: pages)
+                pool_quant = str(kvpress.resolve_config(quant=case.quant, paged=True, head_dim=head_dim).quant)
             prefix_cache = kvpress.PrefixCache(max_tokens=2048, page_size=4, quant=pool_quant)
             kvpress.wrap(model, press=case.press, quant=case.quant, paged=True, prefix_cache=prefix_cache)
             reference = out
