@@ -7,8 +7,8 @@
   (kvzip:0.5:budget=global, snapkv:0.5:budget=adaptive) beside their uniform versions and the full cache, on a
   random Llama-shaped bf16 model (8 layers, hidden 4096, 32 heads, 8 kv heads, head_dim 128) at 16k, batch 1.
 - issue16: the decode kernel (`decode_attention_multi`, one store) at 32k, batch 8, head_dim 128, over a 16-bit,
-  int8-int4, int4-int2 (with and without its rotation) and int2-int2 store built by the codecs, beside SDPA, and
-  each output against the torch twin's on the same store.
+  int8-int4, int4-int2 (with and without its rotation, with keys per channel) and int2-int2 (keys per channel, and per
+  token) store built by the codecs, beside SDPA, and each output against the torch twin's on the same store.
 
 Every timing has a warm-up, synchronises, and is the median of several repeats; bytes are the tensors held
 (`cache.stats()`, the stores' fields). Each step (and each config inside it) records its own error and the rest
@@ -58,7 +58,8 @@ DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
 LLAMA_8B_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
 PRESSES_15 = ("full", "snapkv:0.5", "snapkv:0.5:budget=adaptive", "kvzip:0.5", "kvzip:0.5:budget=global")
-LAYOUTS_16 = ("16-bit", "int8-int4", "int4-int2", "int4-int2:rotnone", "int2-int2")
+LAYOUTS_16 = ("16-bit", "int8-int4", "int4-int2", "int4-int2:rotnone", "int4-int2:kc64", "int2-int2",
+              "int2-int2:kcnone")  # int2-int2: keys per channel (kc64); kcnone: per token
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def layout_store(layout: str, k: torch.Tensor, v: torch.Tensor) -> tuple[KVStore
     k_rotation, v_rotation = codec.rotations(head_dim, k.device)
     store = KVStore(k=f["k"], v=f["v"], block_table=table, kv_end=tokens, k_bits=codec.k_bits, v_bits=codec.v_bits,
                     k_scale=f["k_scale"], k_zero=f["k_zero"], v_scale=f["v_scale"], v_zero=f["v_zero"],
-                    k_group=codec.k_group, v_group=codec.v_group, k_rotation=k_rotation, v_rotation=v_rotation)
+                    k_group=codec.k_group, v_group=codec.v_group, k_rotation=k_rotation, v_rotation=v_rotation,
+                    k_block=codec.k_block)
     nbytes = sum(t.numel() * t.element_size() for t in f.values())
     return store, nbytes, spec.bytes_per_token_head(head_dim)
 
