@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep saved records and skip those runs")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report-only", action="store_true",
-                        help="only rewrite the table and plot from the saved JSON (e.g. after stopping a run): every "
-                             "press, task and length it holds")
+                        help="only rewrite the table and plot from the saved JSON (e.g. after stopping a run): the "
+                             "--presses / --tasks / --lengths given, else every one it holds")
     args = parser.parse_args(argv)
     if args.n < 1 or args.threads < 1 or args.max_new_tokens < 1 or min(args.lengths) < 1:
         parser.error("--n, --threads, --max-new-tokens and --lengths must be positive")
@@ -260,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     if (args.resume or args.report_only) and paths["json"].is_file():
         saved = json.loads(paths["json"].read_text())
         records = saved["records"] if args.report_only else [r for r in saved["records"] if "error" not in r]
-        if args.report_only:  # describe every saved record (several --resume runs may have added to the file)
+        if args.report_only:  # describe the saved records (several --resume runs may have added to the file)
+            given = sys.argv[1:] if argv is None else argv
             command = saved["command"]
             for name in ("n", "quant", "max_new_tokens"):
                 setattr(args, name, saved["config"][name])
             for name, field in (("presses", "press"), ("tasks", "task"), ("lengths", "length")):
-                setattr(args, name, list(dict.fromkeys(r[field] for r in records)) or saved["config"][name])
+                if f"--{name}" not in given:  # not chosen on this command line: every one the file holds
+                    setattr(args, name, list(dict.fromkeys(r[field] for r in records)) or saved["config"][name])
     if args.report_only:
         return report(records, args, command, paths)
     done = {run_key(r) for r in records}
