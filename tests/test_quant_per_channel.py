@@ -120,6 +120,9 @@ def test_spec_grammar_defaults_and_fit() -> None:
     assert QuantSpec.parse(str(spec)) == spec
     assert QuantSpec.parse("int4-int2").k_block is None and QuantSpec.parse("int8-int4:kc32").k_block == 32
     assert QuantSpec.parse("int2-int2:kcnone").k_block is None
+    assert QuantSpec.parse("int2-int2:kg16").k_block is None  # key groups asked for: per token, not a silent drop
+    with pytest.raises(ValueError, match="not both"):
+        QuantSpec.parse("int2-int2:kc64:kg16")
     assert QuantSpec.parse("int2-int2").fit(96).k_block == 32  # a default block shrinks to divide head_dim
     with pytest.raises(ValueError, match="nearest valid spec is 'int2-int2:kc32"):
         QuantSpec.parse("int2-int2:kc64").fit(96)

@@ -50,7 +50,7 @@ def default_value_group(v_bits: int) -> int:
 
 def default_key_block(k_bits: int) -> int | None:
     """Keys per channel over blocks of 64 tokens (KIVI) for 2-bit keys, per token otherwise: measured on the default
-    model (eval/results/quant_per_channel.md), per-channel 2-bit keys divide int2-int2's KL by about four at the
+    model (eval/results/quant_per_channel_4k.md), per-channel 2-bit keys divide int2-int2's KL by about four at the
     same bytes, while 4-bit keys gain little and would lose prefix sharing and per-head budgets (which need
     per-token codes)."""
     return 64 if k_bits <= 2 else None
@@ -97,7 +97,7 @@ class QuantSpec:
     `adapt_rotation` (not part of equality): likewise for a default rotation (no rot option): `fit` drops it where the
     Hadamard transform does not exist (head_dim not a power of two, e.g. 80 or 96); an explicit one raises there.
     `k_block` (None = per token): keys quantized per channel over blocks of that many tokens (KIVI); a default one
-    (adapt_groups) shrinks in `fit` to divide head_dim, and `per_token_keys()` is the spec for stores that need
+    (adapt_block) shrinks in `fit` to divide head_dim, and `per_token_keys()` is the spec for stores that need
     per-token codes. `adapt_block` (not part of equality, kept by `fit`): the block is a default nobody asked for (no
     kc option), so `for_storage` may fall back to per-token keys where the storage needs them; an explicit one
     raises there."""
@@ -131,6 +131,9 @@ class QuantSpec:
                 continue
             if isinstance(size, bool) or not isinstance(size, int) or not _is_power_of_two(size):
                 raise ValueError(f"QuantSpec.{name} must be a positive power of two or None, got {size!r}")
+        if self.k_block is not None and self.k_group_size is not None:
+            raise ValueError(f"QuantSpec: keys are either per token in groups of k_group_size={self.k_group_size} "
+                             f"(kg) or per channel over blocks of k_block={self.k_block} tokens (kc), not both")
         for name in ("residual", "n_sink"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -184,6 +187,8 @@ class QuantSpec:
             explicit = {"adapt_groups": False} if key in ("g", "kg") else {}
             if key == "kc":
                 explicit = {"adapt_block": False}
+            elif key == "kg" and result.adapt_block:  # key groups per token asked for: no default per-channel block
+                explicit["k_block"], explicit["adapt_block"] = None, False
             result = replace(result, **{_OPTION_FIELDS[key]: None if raw == "none" else int(raw)}, **explicit)
         return result
 
