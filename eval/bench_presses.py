@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:  # describe the saved records (several --resume runs may have added to the file)
             given = sys.argv[1:] if argv is None else argv
             command = saved["command"]
-            for name in ("n", "quant", "max_new_tokens", "protocol"):
-                setattr(args, name, saved["config"].get(name, getattr(args, name)))
+            for name in ("n", "quant", "max_new_tokens"):
+                setattr(args, name, saved["config"][name])
+            args.protocol = next((r["protocol"] for r in records if "protocol" in r), saved["config"].get("protocol"))
             for name, field in (("presses", "press"), ("tasks", "task"), ("lengths", "length")):
                 if f"--{name}" not in given:  # not chosen on this command line: every one the file holds
                     setattr(args, name, list(dict.fromkeys(r[field] for r in records)) or saved["config"][name])
