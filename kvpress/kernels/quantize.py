@@ -143,6 +143,17 @@ if triton is not None:
         return tl.where(nearest.to(tl.float32) < value, next_up, nearest)
 
     @triton.jit
+    def _group_scale_zero(lo, hi, LEVELS: tl.constexpr):
+        # fp16 (scale, zero) and their float32 values for group minima / maxima: the same IEEE steps as
+        # kvpress.kernels.affine.group_scale_zero (the bytes of both kernels must equal the torch twin's).
+        zero = -_round_up_to_fp16(-(lo + (hi - lo) * (0.5 / LEVELS)))
+        zero_f = zero.to(tl.float32)
+        steps = tl.full(lo.shape, LEVELS - 0.5, tl.float32)
+        needed = tl.maximum(tl.math.div_rn(hi - zero_f, steps), (zero_f - lo) * 2.0)
+        scale = _round_up_to_fp16(tl.maximum(needed, _SCALE_FLOOR))
+        return scale, zero, scale.to(tl.float32), zero_f
+
+    @triton.jit
     def _quantize_store_kernel(
         x_ptr, q_ptr, scale_ptr, zero_ptr, table_ptr, start_ptr,
         n_tokens, n_heads, page_size,
@@ -185,13 +196,7 @@ if triton is not None:
         lo = tl.where(real, lo, 0.0)
         hi = tl.where(real, hi, 0.0)
 
-        # Same IEEE steps as kvpress.kernels.affine.group_scale_zero.
-        zero = -_round_up_to_fp16(-(lo + (hi - lo) * (0.5 / LEVELS)))
-        zero_f = zero.to(tl.float32)
-        steps = tl.full(lo.shape, LEVELS - 0.5, tl.float32)
-        needed = tl.maximum(tl.math.div_rn(hi - zero_f, steps), (zero_f - lo) * 2.0)
-        scale = _round_up_to_fp16(tl.maximum(needed, _SCALE_FLOOR))
-        scale_f = scale.to(tl.float32)
+        scale, zero, scale_f, zero_f = _group_scale_zero(lo, hi, LEVELS)
 
         y = tl.math.div_rn(xg - zero_f[:, :, None], scale_f[:, :, None]) + 0.5
         codes = tl.minimum(tl.maximum(tl.floor(y), 0.0), LEVELS - 1.0)
@@ -255,13 +260,7 @@ if triton is not None:
         lo = tl.min(x, axis=0)  # padding lanes read 0 for every token: harmless stats, never stored
         hi = tl.max(x, axis=0)
 
-        # Same IEEE steps as kvpress.kernels.affine.group_scale_zero (and _quantize_store_kernel).
-        zero = -_round_up_to_fp16(-(lo + (hi - lo) * (0.5 / LEVELS)))
-        zero_f = zero.to(tl.float32)
-        steps = tl.full(lo.shape, LEVELS - 0.5, tl.float32)
-        needed = tl.maximum(tl.math.div_rn(hi - zero_f, steps), (zero_f - lo) * 2.0)
-        scale = _round_up_to_fp16(tl.maximum(needed, _SCALE_FLOOR))
-        scale_f = scale.to(tl.float32)
+        scale, zero, scale_f, zero_f = _group_scale_zero(lo, hi, LEVELS)
 
         y = tl.math.div_rn(x - zero_f[None, :, :], scale_f[None, :, :]) + 0.5
         codes = tl.minimum(tl.maximum(tl.floor(y), 0.0), LEVELS - 1.0).to(tl.int32)

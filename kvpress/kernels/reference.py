@@ -119,7 +119,6 @@ class _Field:
 
     def __init__(self, store: KVStore, name: str, span: _Span, sliced: bool) -> None:
         self.bits = store.k_bits if name == "k" else store.v_bits
-        self.codes = _tokens(getattr(store, name), store, span, sliced)  # (B, Hkv, T, X) as stored
         self.quantized = self.bits != 16
         self.parts: torch.Tensor | None = None  # float parts (B, Hkv, P, T, W) once converted
         self.scale = self.zero = None  # float (B, Hkv, G, T): token-minor, so broadcasts over rows are contiguous
@@ -134,6 +133,7 @@ class _Field:
             self.scale, self.zero = (_tokens(getattr(store, f"k_{part}"), store, whole, sliced).float()
                                      .reshape(b, h, (last - first) // self.block, -1) for part in ("scale", "zero"))
             return
+        self.codes = _tokens(getattr(store, name), store, span, sliced)  # (B, Hkv, T, X) as stored
         if not self.quantized:
             self.parts = self.codes.float().unsqueeze(2)
             return

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpress.kernels.affine import check_token_block
+
 
 @dataclass(frozen=True, eq=False, kw_only=True, slots=True)
 class KVStore:
@@ -143,11 +145,11 @@ def _resolve_group(
 
 
 def _check_channel_block(store: KVStore, head_dim: int) -> None:
-    """Per-channel keys: quantized, a power-of-two block dividing head_dim, one page per row."""
-    block = store.k_block
-    if store.k_bits == 16 or isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
-        raise ValueError(f"k_block needs quantized keys and a power of two >= 2; got k_bits={store.k_bits}, "
-                         f"k_block={block!r}")
+    """Per-channel keys: quantized, a power-of-two block dividing head_dim (affine.check_token_block), one page per
+    row."""
+    if store.k_bits == 16:
+        raise ValueError(f"k_block={store.k_block!r} needs quantized keys; got k_bits=16")
+    check_token_block(head_dim, store.k_block)
     if store.block_table.dim() != 2 or store.block_table.shape[1] != 1:
         raise ValueError("a store of per-channel keys (k_block) must be contiguous: one page per row")
 

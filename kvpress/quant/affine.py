@@ -44,9 +44,8 @@ class AffineCodec(KVCodec):
     def from_spec(cls, spec: Any) -> AffineCodec:
         """QuantSpec fields k_bits, v_bits, k_group_size, group_size, rotate ("none", "k", "v" or "kv"), k_block."""
         rotate = getattr(spec, "rotate", "none")
-        k_block = getattr(spec, "k_block", None)
-        return cls(spec.k_bits, spec.v_bits, None if k_block else spec.k_group_size, spec.group_size, "k" in rotate,
-                   "v" in rotate, k_block)
+        return cls(spec.k_bits, spec.v_bits, spec.k_group_size, spec.group_size, "k" in rotate, "v" in rotate,
+                   getattr(spec, "k_block", None))
 
     def rotations(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         matrix = hadamard_rotation(head_dim, device) if self.rotate_k or self.rotate_v else None
@@ -61,9 +60,14 @@ class AffineCodec(KVCodec):
     def field_names(self) -> tuple[str, ...]:
         return ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
 
-    def _parts(self) -> tuple[tuple[str, int, int | None], tuple[str, int, int | None]]:
-        """(field, bits, group) of keys, then values."""
-        return ("k", self.k_bits, self.k_group), ("v", self.v_bits, self.v_group)
+    def _parts(self) -> tuple[tuple[str, int, int | None, int | None], ...]:
+        """(field, bits, group, token block) of keys, then values (a block: per channel, values never are)."""
+        return ("k", self.k_bits, self.k_group, self.k_block), ("v", self.v_bits, self.v_group, None)
+
+    @staticmethod
+    def _stored(fields: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale, zero) of field `name`."""
+        return fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"]
 
     def check_head_dim(self, head_dim: int) -> None:
         self.group_sizes(head_dim)
@@ -81,26 +85,21 @@ class AffineCodec(KVCodec):
     def bytes_per_token(self, head_dim: int, input_dtype: torch.dtype = torch.float16) -> int:
         """Codes plus an fp16 scale and zero per group, for K and V (independent of the input dtype); per-channel
         keys hold head_dim pairs per block of k_block tokens, head_dim / k_block per token."""
-        k_meta = 4 * (head_dim // self.k_block if self.k_block else group_count(head_dim, self.k_bits, self.k_group))
-        return (code_width(head_dim, self.k_bits) + k_meta + code_width(head_dim, self.v_bits)
-                + 4 * group_count(head_dim, self.v_bits, self.v_group))
+        return sum(code_width(head_dim, bits) + 4 * (head_dim // block if block else group_count(head_dim, bits, group))
+                   for _, bits, group, block in self._parts())
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         fields = {}
-        for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
-            if name == "k" and self.k_block is not None:
-                fields["k"], fields["k_scale"], fields["k_zero"] = quantize_channels(x, bits, self.k_block)
-            else:
-                fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = quantize(x, bits, group)
+        for (name, bits, group, block), x in zip(self._parts(), self._rotated(k, v)):
+            encoded = quantize_channels(x, bits, block) if block else quantize(x, bits, group)
+            fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"] = encoded
         return fields
 
     def decode(self, fields: dict[str, torch.Tensor], head_dim: int,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = (dequantize_channels(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits,
-                                    self.k_block, head_dim, dtype)
-                if name == "k" and self.k_block is not None else
-                dequantize(fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], bits, group, head_dim, dtype)
-                for name, bits, group in self._parts())
+        k, v = ((dequantize_channels(*self._stored(fields, name), bits, block, head_dim, dtype) if block else
+                 dequantize(*self._stored(fields, name), bits, group, head_dim, dtype))
+                for name, bits, group, block in self._parts())
         rk, rv = self.rotations(head_dim, k.device)
         k = k if rk is None else (k.float() @ rk.T).to(dtype)
         v = v if rv is None else (v.float() @ rv.T).to(dtype)
@@ -109,7 +108,6 @@ class AffineCodec(KVCodec):
     def store(self, k: torch.Tensor, v: torch.Tensor, fields: dict[str, torch.Tensor], block_table: torch.Tensor,
               dst_start: torch.Tensor) -> None:
         """The fused quantize-and-store kernel (Triton on CUDA), K then V: no encoded copy is made first."""
-        for (name, bits, group), x in zip(self._parts(), self._rotated(k, v)):
-            block = {"token_block": self.k_block} if name == "k" and self.k_block is not None else {}
-            quantize_store(x, fields[name], fields[f"{name}_scale"], fields[f"{name}_zero"], block_table, dst_start,
-                           bits, group, check_values=False, **block)
+        for (name, bits, group, block), x in zip(self._parts(), self._rotated(k, v)):
+            quantize_store(x, *self._stored(fields, name), block_table, dst_start, bits, group, check_values=False,
+                           token_block=block)

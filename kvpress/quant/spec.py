@@ -121,6 +121,9 @@ class QuantSpec:
             object.__setattr__(self, "adapt_rotation", True)
         if self.rotate not in ROTATIONS:
             raise ValueError(f"QuantSpec.rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.k_block is not None and self.k_group_size is not None:
+            raise ValueError(f"QuantSpec: keys are either per token in groups of k_group_size={self.k_group_size} "
+                             f"(kg) or per channel over blocks of k_block={self.k_block} tokens (kc), not both")
         try:
             self.build_codec()  # the codec checks the bits (and anything else it needs)
         except ValueError as err:
@@ -131,9 +134,6 @@ class QuantSpec:
                 continue
             if isinstance(size, bool) or not isinstance(size, int) or not _is_power_of_two(size):
                 raise ValueError(f"QuantSpec.{name} must be a positive power of two or None, got {size!r}")
-        if self.k_block is not None and self.k_group_size is not None:
-            raise ValueError(f"QuantSpec: keys are either per token in groups of k_group_size={self.k_group_size} "
-                             f"(kg) or per channel over blocks of k_block={self.k_block} tokens (kc), not both")
         for name in ("residual", "n_sink"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
