@@ -25,7 +25,7 @@ from kvpress.kernels.store_access import gather_tokens, token_span
 
 LOG2E = 1.4426950408889634
 REFERENCE_CHUNK_ELEMENTS = 1 << 24  # logits elements per block of query rows (extend)
-CACHE_CHUNK_BYTES = 1 << 20  # float32 tiles converted from codes per matmul (_codes_matmul): about half an L2
+CACHE_CHUNK_BYTES = 1 << 22  # float32 tiles converted from codes per matmul (_codes_matmul), chosen by measurement
 
 
 @dataclass
@@ -73,24 +73,26 @@ def _tokens(field: torch.Tensor, store: KVStore, span: _Span, sliced: bool) -> t
 
 
 def _float_codes(raw: torch.Tensor, bits: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes as float32 parts (B, Hkv, P, T, D / P): P = 2 for 4-bit and 2-bit codes (the two halves of the head
-    dim: low / high nibbles, or bits 0-3 / 4-7 of split quarters), else 1; 16-bit fields are just converted. The
-    parts are written straight into one float buffer (uint8 -> float32 on assignment, no stacked copy): `buffer`
-    (flat float32 of the right size, e.g. scratch) or a new one."""
+    """Codes as float32 parts (B, Hkv, P, T, width): part k holds sub-code k of every stored byte, i.e. head-dim
+    elements [k * width, (k + 1) * width) (P = 2 for 4-bit codes: low / high nibbles; 4 for 2-bit codes: split
+    quarters; else 1, and 16-bit fields are just converted). Each part is written contiguously straight into one
+    float buffer (uint8 -> float32 on assignment, no stacked copy): `buffer` (flat float32 of the right size, e.g.
+    scratch) or a new one."""
     b, h, t, width = raw.shape
-    n_parts, part_width = (1, width) if bits in (8, 16) else (2, width * 8 // bits // 2)
-    numel = b * h * n_parts * t * part_width
+    n_parts = _parts(bits)
+    numel = b * h * n_parts * t * width
     parts = (torch.empty(numel, dtype=torch.float32, device=raw.device) if buffer is None else buffer[:numel]).view(
-        b, h, n_parts, t, part_width)
-    if bits in (8, 16):
-        parts[:, :, 0] = raw
-    elif bits == 4:
-        parts[:, :, 0] = raw & 15
-        parts[:, :, 1] = raw >> 4
-    else:
-        for i in range(4):  # 2-bit: quarter i = bits 2i, 2i + 1; quarters 0, 1 are the first half, 2, 3 the second
-            parts[:, :, i // 2, :, (i % 2) * width : (i % 2 + 1) * width] = (raw >> (2 * i)) & 3 if i < 3 else raw >> 6
+        b, h, n_parts, t, width)
+    mask = (1 << bits) - 1
+    for k in range(n_parts):
+        shifted = raw >> (bits * k) if k else raw
+        parts[:, :, k] = shifted & mask if k + 1 < n_parts else shifted
     return parts
+
+
+def _parts(bits: int) -> int:
+    """Codes per stored byte, read as that many float parts: 2 for 4-bit codes, 4 for 2-bit codes, else 1."""
+    return 8 // bits if bits in (2, 4) else 1
 
 
 class _Scratch(threading.local):
@@ -144,7 +146,7 @@ class _Field:
             for part in ("scale", "zero")
         )
         n_parts, groups = self.n_parts, self.scale.shape[2]
-        if groups not in (1, n_parts):  # several groups per part: dequantize (the factored form needs one)
+        if groups > n_parts:  # several groups per part: dequantize (the factored form needs whole parts per group)
             self.parts = _float_codes(self.codes, self.bits)
             b, h, _, t, width = self.parts.shape
             grouped = self.parts.view(b, h, n_parts, t, groups // n_parts, width * n_parts // groups)
@@ -155,12 +157,14 @@ class _Field:
 
     @property
     def n_parts(self) -> int:
-        """Float parts the head dim is read in: 2 for 4-bit and 2-bit codes (split halves), else 1."""
-        return 2 if self.bits in (2, 4) else 1
+        """Float parts the head dim is read in (_parts)."""
+        return _parts(self.bits)
 
     def part_scales(self) -> torch.Tensor:
-        """Scales per (part, token): (B, Hkv, P or 1, 1, T)."""
-        return self.scale.unsqueeze(3)
+        """Scales per (part, token): (B, Hkv, P or 1, 1, T) (a group spanning several parts repeats its scale)."""
+        scales = self.scale.unsqueeze(3)
+        groups = scales.shape[2]
+        return scales if groups in (1, self.n_parts) else scales.repeat_interleave(self.n_parts // groups, dim=2)
 
 
 def _codes_matmul(lhs: torch.Tensor, field: _Field, keys: bool) -> torch.Tensor:
@@ -174,7 +178,7 @@ def _codes_matmul(lhs: torch.Tensor, field: _Field, keys: bool) -> torch.Tensor:
     codes = field.codes
     b, h, t, width = codes.shape
     pairs, n_parts, rows = b * h, field.n_parts, lhs.shape[3]
-    part_width = width * 8 // field.bits // n_parts
+    part_width = width  # quantized: bytes per token = elements per part
     token_bytes = 4 * n_parts * part_width
     chunk_tokens = max(1, min(t, CACHE_CHUNK_BYTES // token_bytes))
     step = max(1, CACHE_CHUNK_BYTES // (token_bytes * max(t, 1))) if chunk_tokens == t else 1  # pairs per chunk
@@ -240,8 +244,9 @@ def _key_logits(qs: torch.Tensor, keys: _Field, q_sums: dict[int, torch.Tensor],
     else:
         q_parts = qs.view(b, h, rows, n_parts, head_dim // n_parts).transpose(2, 3)  # (B, Hkv, P, R, W)
         dots = _codes_matmul(q_parts, keys, True)  # (B, Hkv, P, R, T)
-        if keys.quantized and keys.scale.shape[2] != 1:  # one group per part: scale each part, then sum them
-            return dots.mul_(keys.part_scales()).sum(2).add_(torch.matmul(_q_sums(qs, n_parts, q_sums), keys.zero))
+        groups = keys.scale.shape[2] if keys.quantized else 1
+        if groups != 1:  # whole parts per group: scale each part, then sum them
+            return dots.mul_(keys.part_scales()).sum(2).add_(torch.matmul(_q_sums(qs, groups, q_sums), keys.zero))
         logits = dots.sum(2)
     if not keys.quantized:
         return logits
@@ -287,6 +292,8 @@ def _attend(
     kv_heads = stores[0].k.shape[1]
     group = q_heads // kv_heads
     rows = group * num_queries
+    if scores is None:  # (the scores' columns follow the stores one by one)
+        stores = _join_plain_stores(stores, batch)
     spans = [_span(store, batch, q.device) for store in stores]
     fields = []
     for store, span in zip(stores, spans):
@@ -336,6 +343,33 @@ def _attend(
             mass.clamp_min_(torch.finfo(torch.float32).tiny)
         torch.div(acc, mass, out=out[:, :, r0:r1])
     return out.view(batch, q_heads, num_queries, head_dim), lse.view(batch, q_heads, num_queries)
+
+
+def _is_plain(store: KVStore) -> bool:
+    """A 16-bit store that every row attends over the same int span, unrotated and not causal."""
+    return (store.k_bits == store.v_bits == 16 and store.k_rotation is None and store.v_rotation is None
+            and not store.causal and not isinstance(store.kv_start, torch.Tensor)
+            and not isinstance(store.kv_end, torch.Tensor))
+
+
+def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore, ...]:
+    """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one store over their
+    concatenated tokens, in place of the first of them: one matmul each for keys and values instead of one per
+    store (the softmax is over all stores anyway)."""
+    plain = [i for i, store in enumerate(stores) if _is_plain(store)]
+    if len(plain) < 2 or len({stores[i].k.dtype for i in plain}) != 1:
+        return stores
+    keys, values = [], []
+    for i in plain:
+        store = stores[i]
+        span = _span(store, batch, store.k.device)
+        sliced = _one_page_per_row(store, span.end)
+        keys.append(_tokens(store.k, store, span, sliced))
+        values.append(_tokens(store.v, store, span, sliced))
+    table = torch.arange(batch, dtype=torch.int32, device=keys[0].device)[:, None]
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    joined = KVStore(k=k, v=v, block_table=table, kv_end=k.shape[2])
+    return tuple(joined if i == plain[0] else store for i, store in enumerate(stores) if i not in plain[1:])
 
 
 def _rotated_queries(qs: torch.Tensor, store: KVStore) -> torch.Tensor:
