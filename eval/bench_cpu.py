@@ -16,6 +16,7 @@ import argparse
 import inspect
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, reference="full" if "full" in rows else next(iter(rows)))
     print(table)
     report = {
-        "command": "python eval/bench_cpu.py " + " ".join(argv or []),
+        "command": "python eval/bench_cpu.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
                 "clock": "thread CPU time" if args.cpu_time else "wall (perf_counter)",
                 "cpu": platform.processor() or platform.machine(), "device": "cpu"},
