@@ -102,3 +102,27 @@ def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, chu
     ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("encoding", ["int8-int4-g16", "int2-int2-gNone", "fp32"])
+def test_plain_16bit_stores_read_as_one_equal_the_plain_oracle(encoding) -> None:
+    """The fp sinks and window with int bounds (what a cache hands the twin at decode) are joined into one store
+    around the quantized middle: decode and extend still equal the oracle, which attends each store alone."""
+    import kvpress.kernels.reference as reference
+
+    sink, middle, window = _stores(*ENCODINGS[encoding], None, int_bounds=True)
+    sink = replace(sink, kv_start=0, kv_end=4)
+    assert len(reference._join_plain_stores((sink, middle, window), 3)) == (1 if encoding == "fp32" else 2)
+    stores = (sink, middle, window)
+    q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(11))
+    out, lse = decode_attention_multi_reference(q, stores, 0.3)
+    ref_out, ref_lse = decode_attention_multi_plain(q, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    queries = torch.randn(3, KV_HEADS * GROUP, 4, HEAD_DIM, generator=torch.Generator().manual_seed(12))
+    k, v = torch.randn(2, 3, KV_HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(13))
+    stores = (*stores, chunk_store(k, v, None))  # the causal chunk is never joined
+    out, lse = extend_attention_multi_reference(queries, stores, 0.3)
+    ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)

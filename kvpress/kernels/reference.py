@@ -353,19 +353,19 @@ def _is_plain(store: KVStore) -> bool:
 
 
 def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore, ...]:
-    """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one store over their
+    """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one float32 store over their
     concatenated tokens, in place of the first of them: one matmul each for keys and values instead of one per
     store (the softmax is over all stores anyway)."""
     plain = [i for i, store in enumerate(stores) if _is_plain(store)]
-    if len(plain) < 2 or len({stores[i].k.dtype for i in plain}) != 1:
+    if len(plain) < 2:
         return stores
     keys, values = [], []
     for i in plain:
         store = stores[i]
         span = _span(store, batch, store.k.device)
         sliced = _one_page_per_row(store, span.end)
-        keys.append(_tokens(store.k, store, span, sliced))
-        values.append(_tokens(store.v, store, span, sliced))
+        keys.append(_tokens(store.k, store, span, sliced).float())  # (float32 anyway once read)
+        values.append(_tokens(store.v, store, span, sliced).float())
     table = torch.arange(batch, dtype=torch.int32, device=keys[0].device)[:, None]
     k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     joined = KVStore(k=k, v=v, block_table=table, kv_end=k.shape[2])
