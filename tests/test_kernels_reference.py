@@ -81,6 +81,23 @@ def test_rows_that_attend_nothing_give_zero_and_minus_inf() -> None:
     assert bool((lse[0] == -torch.inf).all()) and bool(lse[1].isfinite().all())
 
 
+def _twins_equal_the_oracle(stores, seed: int, chunk_start) -> None:
+    """Decode over `stores`, then extend over them + a causal chunk (rows' tokens from chunk_start): the fast twins
+    equal the plain oracle."""
+    q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+    out, lse = decode_attention_multi_reference(q, stores, 0.3)
+    ref_out, ref_lse = decode_attention_multi_plain(q, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    queries = torch.randn(3, KV_HEADS * GROUP, 4, HEAD_DIM, generator=torch.Generator().manual_seed(seed + 1))
+    k, v = torch.randn(2, 3, KV_HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(seed + 2))
+    stores = (*stores, chunk_store(k, v, chunk_start))
+    out, lse = extend_attention_multi_reference(queries, stores, 0.3)
+    ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 2048, 1 << 16])  # one token / 16 tokens of one pair / every pair at once
 @pytest.mark.parametrize("encoding", ["int8-int4-g16", "int4-int4-g16", "int4-int2-g16", "int2-int2-gNone"])
 def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, chunk_bytes, monkeypatch) -> None:
@@ -89,40 +106,17 @@ def test_decode_twin_in_cache_sized_chunks_equals_the_plain_oracle(encoding, chu
     import kvpress.kernels.reference as reference
 
     monkeypatch.setattr(reference, "CACHE_CHUNK_BYTES", chunk_bytes)
-    stores = _stores(*ENCODINGS[encoding], None)
-    q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(6))
-    out, lse = decode_attention_multi_reference(q, stores, 0.3)
-    ref_out, ref_lse = decode_attention_multi_plain(q, stores, 0.3)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
-    queries = torch.randn(3, KV_HEADS * GROUP, 4, HEAD_DIM, generator=torch.Generator().manual_seed(7))
-    k, v = torch.randn(2, 3, KV_HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(8))
-    stores = (*stores, chunk_store(k, v, torch.tensor([0, 1, 3])))
-    out, lse = extend_attention_multi_reference(queries, stores, 0.3)
-    ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    _twins_equal_the_oracle(_stores(*ENCODINGS[encoding], None), 6, torch.tensor([0, 1, 3]))
 
 
 @pytest.mark.parametrize("encoding", ["int8-int4-g16", "int2-int2-gNone", "fp32"])
 def test_plain_16bit_stores_read_as_one_equal_the_plain_oracle(encoding) -> None:
     """The fp sinks and window with int bounds (what a cache hands the twin at decode) are joined into one store
-    around the quantized middle: decode and extend still equal the oracle, which attends each store alone."""
+    around the quantized middle: decode and extend still equal the oracle, which attends each store alone (the
+    causal chunk is never joined)."""
     import kvpress.kernels.reference as reference
 
     sink, middle, window = _stores(*ENCODINGS[encoding], None, int_bounds=True)
-    sink = replace(sink, kv_start=0, kv_end=4)
-    assert len(reference._join_plain_stores((sink, middle, window), 3)) == (1 if encoding == "fp32" else 2)
-    stores = (sink, middle, window)
-    q = torch.randn(3, KV_HEADS * GROUP, HEAD_DIM, generator=torch.Generator().manual_seed(11))
-    out, lse = decode_attention_multi_reference(q, stores, 0.3)
-    ref_out, ref_lse = decode_attention_multi_plain(q, stores, 0.3)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
-    queries = torch.randn(3, KV_HEADS * GROUP, 4, HEAD_DIM, generator=torch.Generator().manual_seed(12))
-    k, v = torch.randn(2, 3, KV_HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(13))
-    stores = (*stores, chunk_store(k, v, None))  # the causal chunk is never joined
-    out, lse = extend_attention_multi_reference(queries, stores, 0.3)
-    ref_out, ref_lse = extend_attention_multi_plain(queries, stores, 0.3)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    stores = (replace(sink, kv_start=0, kv_end=4), middle, window)
+    assert len(reference._join_plain_stores(stores, 3)) == (1 if encoding == "fp32" else 2)
+    _twins_equal_the_oracle(stores, 11, None)
