@@ -39,5 +39,6 @@ def run_demo(model_name: str = "default", configs: list[str] | None = None, toke
         print(f"[{label}] {'correct' if ok else 'wrong'}: {report.answer[:100]!r}")
         print(f"    {report.summary()}")
         rows.append({"config": label, "correct": ok, "answer": report.answer, **report.stats,
-                     "prefill_s": report.prefill_s, "decode_tok_s": report.decode_tokens_per_s})
+                     "prefill_s": report.prefill_s, "first_step_s": report.first_step_s,
+                     "decode_tok_s": report.decode_tokens_per_s})
     return rows

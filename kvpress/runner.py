@@ -21,20 +21,26 @@ class GenerationReport:
     prompt_tokens: int
     new_tokens: int
     prefill_s: float
-    decode_s: float
+    decode_s: float  # every decode step, the first included
     stats: dict[str, Any] = field(default_factory=dict)
+    first_step_s: float | None = None  # the first decode step alone (a press compresses the prompt there)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+        """Tokens per second of the decode steps after the first (all of them when the first is not timed apart)."""
+        steps, seconds = self.new_tokens - 1, self.decode_s
+        if self.first_step_s is not None and steps > 1:
+            steps, seconds = steps - 1, seconds - self.first_step_s
+        return steps / seconds if seconds > 0 and steps > 0 else 0.0
 
     def summary(self) -> str:
         s = self.stats
         mib = 1 << 20
+        first = "" if self.first_step_s is None else f"first step {1000 * self.first_step_s:.0f} ms, then "
         return (
             f"KV {s['nbytes'] / mib:.2f} MiB vs {s['fp16_nbytes'] / mib:.2f} MiB fp16 ({100 * s['compression']:.0f}%) | "
             f"stored {s['stored_tokens']:.0f}/{s['logical_tokens']} tokens | prefill {self.prefill_s:.2f} s "
-            f"({self.prompt_tokens} tokens) | decode {self.decode_tokens_per_s:.1f} tok/s"
+            f"({self.prompt_tokens} tokens) | decode: {first}{self.decode_tokens_per_s:.1f} tok/s"
         )
 
 
@@ -48,12 +54,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> dict[str, torch.
 
 
 class _ForwardClock:
-    """Counts prompt tokens through the embedding layer (progress bar) and stamps when decoding starts."""
+    """Counts prompt tokens through the embedding layer (progress bar) and stamps when the first and the second
+    decode steps start."""
 
     def __init__(self, model, prompt_tokens: int, show: bool) -> None:
         self.prompt_tokens = prompt_tokens
         self.seen = 0
         self.decode_start: float | None = None
+        self.second_step_start: float | None = None
         self.bar = tqdm(total=prompt_tokens, desc="prefill", unit="tok", disable=not show, leave=False)
         self.handle = model.get_input_embeddings().register_forward_pre_hook(self._hook)
 
@@ -64,6 +72,8 @@ class _ForwardClock:
             self.bar.update(n)
         elif self.decode_start is None:
             self.decode_start = time.perf_counter()
+        elif self.second_step_start is None:
+            self.second_step_start = time.perf_counter()
 
     def close(self) -> None:
         self.handle.remove()
@@ -108,4 +118,5 @@ def generate_with_report(
         prefill_s=decode_start - start,
         decode_s=end - decode_start,
         stats=cache.stats(),
+        first_step_s=None if clock.second_step_start is None else clock.second_step_start - decode_start,
     )

@@ -84,6 +84,15 @@ def test_cli_generate_prints_answer_and_summary(model_and_tok, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "KV " in proc.stderr and "stored" in proc.stderr
+    assert "decode: first step " in proc.stderr  # the press compresses at the first step: timed apart
+
+
+def test_report_times_decode_after_the_first_step():
+    from kvpress.runner import GenerationReport
+
+    report = GenerationReport("a", prompt_tokens=10, new_tokens=5, prefill_s=1.0, decode_s=2.0, first_step_s=0.5)
+    assert report.decode_tokens_per_s == 3 / 1.5  # 4 decode steps, the last 3 in 1.5 s
+    assert GenerationReport("a", 10, 5, 1.0, 2.0).decode_tokens_per_s == 4 / 2.0  # first step not timed apart
 
 
 def test_cli_rejects_bad_spec_before_loading(tmp_path):
