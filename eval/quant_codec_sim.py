@@ -12,7 +12,8 @@ of the encoded middle (codes plus fp16 scale and zero).
     python eval/quant_codec_sim.py --configs 'k4t64-v2t64-rkv' 'k4c128-v2t64-rv' --out quant_codec_sim
 Candidate grammar: k<bits><t|c><group>[x<clip>]-v<bits>t<group>[x<clip>][-r<k|v|kv>]: t = per token, group along
 head_dim; c = per channel, a scale and zero per channel over blocks of <group> tokens (keys only); x<clip> = each
-group clamped to that fraction of its range first; r = Hadamard rotation.
+group clamped to that fraction of its range first; r = Hadamard rotation. Bits 1-8: widths without a packed layout
+(3) take the same math unpacked.
 """
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ from transformers import DynamicCache
 
 import kvpress
 from kvpress.eval.tasks.haystack import paragraph_starts
-from kvpress.kernels.affine import dequantize, quantize
+from kvpress.kernels.affine import SCALE_FLOOR, dequantize, quantize, round_down_to_fp16, round_up_to_fp16
+from kvpress.kernels.affine_layout import SUPPORTED_BITS
 from kvpress.kernels.rotation import hadamard_rotation
 from kvpress.hf_compat import cache_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import RESULTS_DIR, TEXT_FRACTIONS, compare, prose_token_ids  # noqa: E402
 
-CANDIDATE = re.compile(r"k(\d)([tc])(\d+)(?:x([\d.]+))?-v(\d)t(\d+)(?:x([\d.]+))?(?:-r(kv|k|v))?")
+CANDIDATE = re.compile(r"k([1-8])([tc])(\d+)(?:x([\d.]+))?-v([1-8])t(\d+)(?:x([\d.]+))?(?:-r(kv|k|v))?")
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,24 @@ def round_trip(x: torch.Tensor, bits: int, group: int | None, clip: float = 1.0)
         lo, hi = torch.aminmax(grouped, dim=-1, keepdim=True)
         mid, half = (lo + hi) / 2, (hi - lo) / 2 * clip
         x = torch.maximum(torch.minimum(grouped, mid + half), mid - half).reshape(x.shape)
-    codes, scale, zero = quantize(x, bits, group)
-    return dequantize(codes, scale, zero, bits, group, x.shape[-1], torch.float32)
+    if bits in SUPPORTED_BITS:
+        codes, scale, zero = quantize(x, bits, group)
+        return dequantize(codes, scale, zero, bits, group, x.shape[-1], torch.float32)
+    return unpacked_round_trip(x, bits, group)
+
+
+def unpacked_round_trip(x: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """The affine round trip of kernels/affine.py for any width 1-8 (3-bit codes have no packed layout yet): the
+    same fp16-rounded scale and zero and the same rounding, so a 3-bit candidate compares with the built widths."""
+    size = x.shape[-1] if group is None else group
+    grouped = x.float().reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    lo, hi = torch.aminmax(grouped, dim=-1, keepdim=True)
+    levels = 2**bits
+    zero = round_down_to_fp16(lo + (hi - lo) * (0.5 / levels)).float()
+    steps = torch.full((), levels - 0.5, dtype=torch.float32, device=x.device)
+    scale = round_up_to_fp16(torch.maximum((hi - zero) / steps, (zero - lo) * 2.0).clamp_min_(SCALE_FLOOR)).float()
+    codes = (grouped - zero).div_(scale).add_(0.5).floor_().clamp_(0, levels - 1)
+    return torch.addcmul(zero, codes, scale).reshape(x.shape)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int, per_channel: bool, rotation: torch.Tensor | None,
