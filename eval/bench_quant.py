@@ -1,7 +1,8 @@
 """KV quantization on the default model (CPU): quality vs the full-precision cache, bytes held, decode-step time.
 
 Why: the issue's targets for the default spec are KL(full || int8-int4) <= 0.003 nats per decoded token and at most
-half the bytes of a 16-bit DynamicCache; this measures both, beside other specs and transformers' quanto cache.
+half the bytes of a 16-bit DynamicCache; this measures both, beside other specs and transformers' QuantizedCache (quanto;
+HQQ where installed).
 
 Per real-prose text (pydoc haystack, different paragraph starts): prefill `--prefix` tokens in one forward, then
 teacher-force the next `--cont` real tokens one at a time (the decode path) and compare every next-token
@@ -17,6 +18,7 @@ Writes eval/results/quant.json and eval/results/quant.md.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -63,7 +65,10 @@ LOW_BIT_TARGETS = {"int4-int2": (0.25, 0.005, 0.97), "int2-int2": (0.20, 0.02, N
 SWEEP_CONFIGS = ("int8-int4:r0:s4", "int8-int4:r32:s4", "int8-int4:r64:s4", "int8-int4:r128:s0")
 KVPRESS_CONFIGS.update({name: name for name in SWEEP_CONFIGS})
 # Caches of transformers itself, run on the unwrapped model (sdpa attention).
-HF_CONFIGS = ("dynamic (sdpa)", "quanto int4", "quanto int2")  # quanto: q_group_size 64, residual 128
+# transformers QuantizedCache backends at their defaults (q_group_size 64, residual 128); HQQ is not in the venv
+# (`pip install hqq`, DISABLE_CUDA=1 on a CPU machine): without it its rows record the ImportError.
+HF_CONFIGS = ("dynamic (sdpa)", "quanto int4", "quanto int2", "hqq int4", "hqq int2")
+HF_QUANTIZED = {name: (name.split()[0], int(name[-1])) for name in HF_CONFIGS if " int" in name}  # backend, nbits
 THEORY_SPECS = ("int8-int4", "int8-int4:gnone", "int8-int4:kg32", "int8", "int4", "int4:gnone")
 TEXT_FRACTIONS = (0.1, 0.35, 0.6, 0.85)  # where in the list of paragraph starts each text begins
 
@@ -123,10 +128,25 @@ def prose_token_ids(tok, start: int, n_tokens: int) -> torch.Tensor:
 
 # --- caches --------------------------------------------------------------------------------------------------------
 def _tensor_bytes(t: Any) -> int:
-    """Bytes of a tensor, walking tensor subclasses (optimum-quanto QTensors) down to their plain inner tensors."""
+    """Bytes of a tensor, walking tensor subclasses (optimum-quanto QTensors) down to their plain inner tensors, and
+    HQQ's (codes, meta dict) pairs down to their tensors (non-tensor metadata holds no bytes)."""
+    if isinstance(t, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in t)
+    if isinstance(t, dict):
+        return sum(_tensor_bytes(x) for x in t.values())
+    if not isinstance(t, torch.Tensor):
+        return 0
     if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
         return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
     return t.numel() * t.element_size()
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, or "not installed" (its configs then record the ImportError)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def fp16_bytes(config, tokens: int) -> int:
@@ -158,7 +178,7 @@ def hf_memory(cache, config) -> dict[str, Any]:
     for layer in cache.layers:
         for name in ("_quantized_keys", "_quantized_values", "keys", "values"):
             value = getattr(layer, name, None)
-            if isinstance(value, torch.Tensor):
+            if value is not None:
                 total += _tensor_bytes(value)
     return {"tokens": tokens, "nbytes": total, "live_nbytes": total, "fp16_nbytes": fp16_bytes(config, tokens)}
 
@@ -169,8 +189,9 @@ def make_cache(name: str, model):
         return kvpress.KVPressCache(model.config, quant=KVPRESS_CONFIGS[name])
     if name == "dynamic (sdpa)":
         return transformers.DynamicCache(config=model.config)
-    if name in ("quanto int4", "quanto int2"):
-        return transformers.QuantizedCache(backend="quanto", config=model.config, nbits=int(name[-1]))
+    if name in HF_QUANTIZED:
+        backend, nbits = HF_QUANTIZED[name]
+        return transformers.QuantizedCache(backend=backend, config=model.config, nbits=nbits)
     raise ValueError(name)
 
 
@@ -308,7 +329,7 @@ def plot_kl_vs_bytes(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("bytes held / 16-bit DynamicCache (same tokens)")
     ax.set_ylabel("KL(full || config), nats per decoded token")
     tokens = report["settings"]["prefix"] + report["settings"]["cont"]
-    ax.set_title(f"KV quantization frontier, SmolLM2-135M, ~{tokens} tokens (blue: kvpress, green: Hadamard-rotated, red: quanto)",
+    ax.set_title(f"KV quantization frontier, SmolLM2-135M, ~{tokens} tokens (blue: kvpress, green: Hadamard-rotated, red: transformers QuantizedCache)",
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -375,7 +396,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# KV quantization: quality, bytes, decode time (default model, CPU)", "",
         f"Command: `{report['command']}`", "",
         f"{report['env']['model']} | torch {report['env']['torch']} | transformers {report['env']['transformers']} | "
-        f"optimum-quanto {report['env']['optimum_quanto']} | {report['env']['threads']} thread(s) | "
+        f"optimum-quanto {report['env']['optimum_quanto']} | hqq {report['env'].get('hqq', 'not recorded')} | "
+        f"{report['env']['threads']} thread(s) | "
         f"{report['env']['cpu']} | load average at start/end "
         f"{report['env']['loadavg_start_end'][0][0]:.1f} / {report['env']['loadavg_start_end'][1][0]:.1f}", "",
         f"{len(report['texts'])} prose texts x ({report['settings']['prefix']} prefix tokens in one forward + "
@@ -490,12 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    try:
-        from importlib.metadata import version
-
-        quanto_version = version("optimum-quanto")
-    except Exception:  # not installed: the quanto config records the error
-        quanto_version = "not installed"
+    quanto_version, hqq_version = package_version("optimum-quanto"), package_version("hqq")
     load_start = os.getloadavg()  # timings are only comparable on an otherwise idle machine
     model, tok = kvpress.load_default_model()
     kvpress.wrap(model)
@@ -505,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in results.items():
         spec = str(QuantSpec.parse(KVPRESS_CONFIGS[name])) if KVPRESS_CONFIGS.get(name) else (
             "fp32 model dtype" if name in (REFERENCE, "dynamic (sdpa)") else
-            f"transformers QuantizedCache(backend='quanto', nbits={name[-1]}): q_group_size 64, residual 128")
+            f"transformers QuantizedCache(backend={HF_QUANTIZED[name][0]!r}, nbits={HF_QUANTIZED[name][1]}): "
+            "q_group_size 64, residual 128")
         configs[name] = {"spec": spec, "summary": summarize(rows, args.agree_window), "rows": rows}
     theory = theory_table()
     niah = needles(model, tok, args) if args.niah_n > 0 else None
     report = {
         "command": command,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                "optimum_quanto": quanto_version, "threads": args.threads, "cpu": platform.processor() or
+                "optimum_quanto": quanto_version, "hqq": hqq_version, "threads": args.threads, "cpu": platform.processor() or
                 platform.machine(), "model": "SmolLM2-135M-Instruct fp32 (30 layers, 3 kv-heads, head_dim 64)"},
         "settings": {k: v for k, v in vars(args).items() if k != "configs"}, "texts": text_info,
         "configs": configs, "theory": theory, "niah": niah, "elapsed_s": time.perf_counter() - t0,
