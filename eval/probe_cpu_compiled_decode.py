@@ -9,9 +9,9 @@ bytes. This probe measures, on the default model's shapes (3 kv heads, 3 query h
 - `compiled`: the same math from the codes (s * (q.c) + z * sum(q) per token; (p * s) @ c + p @ z per value part)
   written as broadcast-and-reduce and compiled by torch.compile (inductor's C++ loops), with its compile time and
   the time of a call at another length (dynamic shapes, no second compile).
-Thread CPU time, best of `--rounds` medians. Not a kernel of the library: evidence for the next step.
+Best of `--rounds` medians (thread CPU time at one thread, wall time at more). Not a kernel of the library: evidence for the next step.
 
-    python eval/probe_cpu_compiled_decode.py --tokens 3072 --json eval/results/cpu_compiled_decode_probe.json
+    python eval/probe_cpu_compiled_decode.py --tokens 3072 --threads 1 2 --json eval/results/cpu_compiled_decode_probe.json
 """
 from __future__ import annotations
 
@@ -50,16 +50,17 @@ def codes_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tenso
     return out / probs.sum(-1, keepdim=True)
 
 
-def cpu_ms(fn, calls: int, rounds: int) -> float:
-    """Best of `rounds` medians of one call's thread CPU time, in ms."""
+def cpu_ms(fn, calls: int, rounds: int, clock=time.thread_time) -> float:
+    """Best of `rounds` medians of one call's time on `clock` (thread CPU time for one thread, wall time for more),
+    in ms."""
     fn()
     best = float("inf")
     for _ in range(rounds):
         times = []
         for _ in range(calls):
-            start = time.thread_time()
+            start = clock()
             fn()
-            times.append(time.thread_time() - start)
+            times.append(clock() - start)
         best = min(best, statistics.median(times))
     return 1e3 * best
 
@@ -69,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=3072)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="torch threads per timing row (1: thread CPU time; more: wall time of an idle machine)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # thread CPU time: one thread does all the work
     gen = torch.Generator().manual_seed(0)
     tokens, sm_scale = args.tokens, HEAD_DIM**-0.5
     keys = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=gen) * 2
@@ -103,18 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     other_length_s = time.perf_counter() - start
     report = {
         "command": "python " + shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": 1,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "shape": {"tokens": tokens, "kv_heads": KV_HEADS, "query_heads_per_kv_head": GROUP, "head_dim": HEAD_DIM,
                   "keys": "int8, one group", "values": f"int4, groups of {VALUE_GROUP}"},
         "max_abs_diff_vs_twin": {"sdpa_fp32_on_dequantized": float((sdpa()[:, :, 0] - twin_out).abs().max()),
                                  "compiled": float((compiled_out - twin_out).abs().max())},
         "compile_s": compile_s, "call_at_other_length_s": other_length_s,
-        "ms_per_layer_call": {
-            "sdpa_fp32": cpu_ms(sdpa, args.calls, args.rounds),
-            "twin": cpu_ms(lambda: decode_attention_multi_reference(q, (store,), sm_scale), args.calls, args.rounds),
-            "compiled": cpu_ms(lambda: compiled(grouped_q, *fields, sm_scale), args.calls, args.rounds),
-        },
     }
+    calls = {"sdpa_fp32": sdpa, "twin": lambda: decode_attention_multi_reference(q, (store,), sm_scale),
+             "compiled": lambda: compiled(grouped_q, *fields, sm_scale)}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        clock = time.thread_time if threads == 1 else time.perf_counter
+        report[f"ms_per_layer_call_{threads}_threads"] = {
+            name: cpu_ms(fn, args.calls, args.rounds, clock) for name, fn in calls.items()}
     text = json.dumps(report, indent=1)
     print(text)
     if args.json is not None:
