@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 import kvpress
 from kvpress.eval.tasks.haystack import paragraph_starts
-from kvpress.kernels.affine import SCALE_FLOOR, dequantize, quantize, round_down_to_fp16, round_up_to_fp16
+from kvpress.kernels.affine import affine_codes, dequantize, quantize
 from kvpress.kernels.affine_layout import SUPPORTED_BITS
 from kvpress.kernels.rotation import hadamard_rotation
 from kvpress.hf_compat import cache_kwargs
@@ -92,17 +92,12 @@ def round_trip(x: torch.Tensor, bits: int, group: int | None, clip: float = 1.0)
 
 
 def unpacked_round_trip(x: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
-    """The affine round trip of kernels/affine.py for any width 1-8 (3-bit codes have no packed layout yet): the
-    same fp16-rounded scale and zero and the same rounding, so a 3-bit candidate compares with the built widths."""
+    """The library's affine round trip (kernels/affine.affine_codes) without packing, for widths that have no packed
+    layout (3): the same fp16-rounded scale and zero and the same rounding as the built widths."""
     size = x.shape[-1] if group is None else group
     grouped = x.float().reshape(*x.shape[:-1], x.shape[-1] // size, size)
-    lo, hi = torch.aminmax(grouped, dim=-1, keepdim=True)
-    levels = 2**bits
-    zero = round_down_to_fp16(lo + (hi - lo) * (0.5 / levels)).float()
-    steps = torch.full((), levels - 0.5, dtype=torch.float32, device=x.device)
-    scale = round_up_to_fp16(torch.maximum((hi - zero) / steps, (zero - lo) * 2.0).clamp_min_(SCALE_FLOOR)).float()
-    codes = (grouped - zero).div_(scale).add_(0.5).floor_().clamp_(0, levels - 1)
-    return torch.addcmul(zero, codes, scale).reshape(x.shape)
+    codes, scale, zero = affine_codes(grouped, -1, bits)
+    return torch.addcmul(zero.float().unsqueeze(-1), codes.float(), scale.float().unsqueeze(-1)).reshape(x.shape)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group: int, per_channel: bool, rotation: torch.Tensor | None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpress.kernels.affine_layout import check_bits, code_width, effective_group_size, pack_codes, unpack_codes
+from kvpress.kernels.affine_layout import code_width, effective_group_size, pack_codes, unpack_codes
 
 SCALE_FLOOR = 2.0**-24  # smallest positive fp16: constant groups still get a nonzero scale
 FP16_MAX = 65504.0
@@ -34,8 +34,11 @@ def round_down_to_fp16(value: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale fp16, zero fp16, zero as float32) for float32 group minima/maxima; see the module doc."""
-    levels = 2 ** check_bits(bits)
+    """(scale fp16, zero fp16, zero as float32) for float32 group minima/maxima; see the module doc. Any width 1-8:
+    the math does not depend on it, only packing does (quantize checks the stored widths)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int from 1 to 8, got {bits!r}")
+    levels = 2**bits
     zero = round_down_to_fp16(lo + (hi - lo) * (0.5 / levels))
     zero_f = zero.float()
     # A 0-dim tensor on the same device keeps this a true IEEE division on every backend
@@ -66,15 +69,16 @@ def quantize(
     head_dim = x.shape[-1]
     group = effective_group_size(head_dim, bits, group_size)
     grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
-    codes, scale, zero = _affine_codes(grouped, -1, bits, check_finite)
+    codes, scale, zero = affine_codes(grouped, -1, bits, check_finite)
     return pack_codes(codes.reshape(x.shape), bits), scale, zero
 
 
-def _affine_codes(
-    grouped: torch.Tensor, dim: int, bits: int, check_finite: bool
+def affine_codes(
+    grouped: torch.Tensor, dim: int, bits: int, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 codes of float32 `grouped` whose groups run along `dim`, with their fp16 (scale, zero) (that dim
-    reduced away); see the module doc for the steps."""
+    """Unpacked uint8 codes of float32 `grouped` whose groups run along `dim`, with their fp16 (scale, zero) (that
+    dim reduced away); see the module doc for the steps. Any width 1-8 (eval/quant_codec_sim.py simulates 3-bit
+    codes with it); quantize and quantize_channels pack the stored widths."""
     lo, hi = torch.aminmax(grouped, dim=dim)
     scale, zero, zero_f = _scale_zero(lo, hi, bits)
     scale_f = scale.float()
@@ -140,7 +144,7 @@ def quantize_channels(
     if tokens % block:
         raise ValueError(f"per-channel codes are written in whole blocks of {block} tokens; got {tokens} tokens")
     blocks = x.float().reshape(*lead, tokens // block, block, head_dim)
-    codes, scale, zero = _affine_codes(blocks, -2, bits, check_finite)  # scale, zero: (..., n_blocks, D)
+    codes, scale, zero = affine_codes(blocks, -2, bits, check_finite)  # scale, zero: (..., n_blocks, D)
     slots = (*lead, tokens, head_dim // block)
     return pack_codes(codes.reshape(x.shape), bits), scale.reshape(slots), zero.reshape(slots)
 
