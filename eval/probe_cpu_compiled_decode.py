@@ -8,7 +8,9 @@ bytes. This probe measures, on the default model's shapes (3 kv heads, 3 query h
 - `twin`: decode_attention_multi_reference over one int8-int4 store (keys one group, values two groups of 32);
 - `compiled`: the same math from the codes (s * (q.c) + z * sum(q) per token; (p * s) @ c + p @ z per value part)
   written as broadcast-and-reduce and compiled by torch.compile (inductor's C++ loops), with its compile time and
-  the time of a call at another length (dynamic shapes, no second compile).
+  the time of a call at another length (dynamic shapes, no second compile);
+- `c_kernel`: what the library now runs on the CPU, kernels/cpu_decode.c through decode_attention_multi_cpu (built
+  once per machine with the host's C compiler, about a second; its build time is reported).
 Best of `--rounds` medians (thread CPU time at one thread, wall time at more). Not a kernel of the library: evidence for the next step.
 
     python eval/probe_cpu_compiled_decode.py --tokens 3072 --threads 1 2 --json eval/results/cpu_compiled_decode_probe.json
@@ -28,6 +30,8 @@ import torch
 
 from kvpress.kernels import KVStore
 from kvpress.kernels.affine import quantize
+from kvpress.kernels import cpu_decode
+from kvpress.kernels.cpu_multi import decode_attention_multi_cpu
 from kvpress.kernels.reference import decode_attention_multi_reference
 
 KV_HEADS, GROUP, HEAD_DIM, VALUE_GROUP = 3, 3, 64, 32  # SmolLM2-135M: 9 query heads over 3 kv heads
@@ -103,17 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     compiled(grouped_q, *shorter, sm_scale)
     other_length_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cpu_decode.build()
+    c_build_s = time.perf_counter() - start
+    c_out = decode_attention_multi_cpu(q, (store,), sm_scale)[0]
     report = {
         "command": "python " + shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "shape": {"tokens": tokens, "kv_heads": KV_HEADS, "query_heads_per_kv_head": GROUP, "head_dim": HEAD_DIM,
                   "keys": "int8, one group", "values": f"int4, groups of {VALUE_GROUP}"},
         "max_abs_diff_vs_twin": {"sdpa_fp32_on_dequantized": float((sdpa()[:, :, 0] - twin_out).abs().max()),
-                                 "compiled": float((compiled_out - twin_out).abs().max())},
-        "compile_s": compile_s, "call_at_other_length_s": other_length_s,
+                                 "compiled": float((compiled_out - twin_out).abs().max()),
+                                 "c_kernel": float((c_out - twin_out).abs().max())},
+        "compile_s": compile_s, "call_at_other_length_s": other_length_s, "c_kernel_build_or_load_s": c_build_s,
     }
     calls = {"sdpa_fp32": sdpa, "twin": lambda: decode_attention_multi_reference(q, (store,), sm_scale),
-             "compiled": lambda: compiled(grouped_q, *fields, sm_scale)}
+             "compiled": lambda: compiled(grouped_q, *fields, sm_scale),
+             "c_kernel": lambda: decode_attention_multi_cpu(q, (store,), sm_scale)}
     for threads in args.threads:
         torch.set_num_threads(threads)
         clock = time.thread_time if threads == 1 else time.perf_counter

@@ -1,4 +1,5 @@
-"""Public kernel entry points: the Triton kernel for CUDA inputs, the torch twin otherwise.
+"""Public kernel entry points: the Triton kernel for CUDA inputs, the torch twin otherwise; on the CPU, decode runs
+the compiled C kernel (cpu_multi) for the stores it takes unless a backend is forced.
 
 KVPRESS_KERNELS=triton|reference (read once, at import) forces one backend for the whole process; tests and
 benchmarks switch with `use_backend(...)`. Triton on CPU needs TRITON_INTERPRET=1 set before triton is imported.
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvpress.kernels.cpu_multi import decode_attention_multi_cpu
 from kvpress.kernels.mass import add_score_mass_reference, add_score_mass_triton
 from kvpress.kernels.merge import merge_attention_states
 from kvpress.kernels.multi import decode_attention_multi_triton, extend_attention_multi_triton
@@ -70,7 +72,13 @@ def decode_attention_multi(
 
     With `scores` (float32 (B, Hq, L)), also writes every attended token's log2-domain logit at column
     score_offsets[store] + token, for add_score_mass."""
-    impl = decode_attention_multi_triton if kernel_backend(q.device) == "triton" else decode_attention_multi_reference
+    backend = kernel_backend(q.device)
+    if backend == "triton":
+        impl = decode_attention_multi_triton
+    elif _forced is None and q.device.type == "cpu":  # forced "reference": the twin alone, the kernels' oracle
+        impl = decode_attention_multi_cpu
+    else:
+        impl = decode_attention_multi_reference
     return impl(q, stores, sm_scale, out_dtype, scores=scores, score_offsets=score_offsets)
 
 

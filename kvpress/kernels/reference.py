@@ -345,29 +345,35 @@ def _attend(
     return out.view(batch, q_heads, num_queries, head_dim), lse.view(batch, q_heads, num_queries)
 
 
-def _is_plain(store: KVStore) -> bool:
+def is_plain(store: KVStore) -> bool:
     """A 16-bit store that every row attends over the same int span, unrotated and not causal."""
     return (store.k_bits == store.v_bits == 16 and store.k_rotation is None and store.v_rotation is None
             and not store.causal and not isinstance(store.kv_start, torch.Tensor)
             and not isinstance(store.kv_end, torch.Tensor))
 
 
-def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore, ...]:
-    """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one float32 store over their
-    concatenated tokens, in place of the first of them: one matmul each for keys and values instead of one per
-    store (the softmax is over all stores anyway)."""
-    plain = [i for i, store in enumerate(stores) if _is_plain(store)]
-    if len(plain) < 2:
-        return stores
+def joined_tokens(stores: list[KVStore], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attended tokens of plain stores (is_plain), concatenated in order as float32 k, v (B, Hkv, T, D)."""
     keys, values = [], []
-    for i in plain:
-        store = stores[i]
+    for store in stores:
         span = _span(store, batch, store.k.device)
         sliced = _one_page_per_row(store, span.end)
         keys.append(_tokens(store.k, store, span, sliced).float())  # (float32 anyway once read)
         values.append(_tokens(store.v, store, span, sliced).float())
-    table = torch.arange(batch, dtype=torch.int32, device=keys[0].device)[:, None]
-    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    if len(keys) == 1:
+        return keys[0].contiguous(), values[0].contiguous()
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore, ...]:
+    """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one float32 store over their
+    concatenated tokens, in place of the first of them: one matmul each for keys and values instead of one per
+    store (the softmax is over all stores anyway)."""
+    plain = [i for i, store in enumerate(stores) if is_plain(store)]
+    if len(plain) < 2:
+        return stores
+    k, v = joined_tokens([stores[i] for i in plain], batch)
+    table = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None]
     joined = KVStore(k=k, v=v, block_table=table, kv_end=k.shape[2])
     return tuple(joined if i == plain[0] else store for i, store in enumerate(stores) if i not in plain[1:])
 

@@ -1,0 +1,342 @@
+/* Decode attention on the CPU straight from the codes of one quantized store (docs/STORAGE_LAYOUT.md): the compiled
+ * twin of kernels/reference.py's decode for stores with per-token groups. Built by kernels/cpu_decode.py with the
+ * host's C compiler (no torch headers: a one-second build) and called through ctypes.
+ *
+ * One task is one (batch row, kv head) pair: its R query rows (pre-scaled by sm_scale) against the row's tokens
+ * [start, end). Pass 1 converts a tile of tokens' key codes to float once and takes every row's dot product with it,
+ * scaled per group: logit = sum_g s_g * (q_g . c_g) + z_g * sum(q_g). Then a softmax per row, and pass 2 converts
+ * the value codes tile by tile and accumulates (p * s_g) * c_g into registers, and p * z_g per group apart. Vectors
+ * are GCC vector extensions (8 floats), so the same source compiles to AVX2, AVX-512 or NEON.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#define LANES 8
+#define TILE 16      /* tokens converted per tile: TILE * D floats stay in L1 */
+#define MAX_GROUPS 32
+#define MAX_ROWS 64
+#define LOG2E 1.4426950408889634f
+
+typedef struct {
+    const uint8_t *codes;        /* (pages, heads, slots, D * bits / 8) */
+    const _Float16 *scale;       /* (pages, heads, slots, D / group) */
+    const _Float16 *zero;
+    int64_t codes_strides[3];    /* page, head, slot (elements; columns are contiguous) */
+    int64_t scale_strides[3];
+    int64_t bits;
+    int64_t group;               /* head-dim elements per (scale, zero) */
+} kvp_field;
+
+typedef struct {
+    kvp_field k, v;
+    const int32_t *table;        /* (B, max_pages) */
+    int64_t table_stride;
+    int64_t page_size;
+    int64_t pages;               /* pages in the pool: a table entry outside [0, pages) fails the call */
+    const int32_t *start, *end;  /* (B,), or NULL: every row attends [start_all, end_all) */
+    int64_t start_all, end_all;
+} kvp_store;
+
+typedef struct {
+    const float *k, *v;          /* (B, H, length, D) float32 contiguous: the 16-bit stores joined, or NULL */
+    int64_t length;
+    const float *q;              /* (B, H, R, D): queries in their frame (NULL: the codes' queries) */
+    float *out;                  /* (B, H, R, D): their share of the output apart (NULL: summed into the output) */
+} kvp_plain;
+
+typedef struct {
+    const float *q;              /* (B, H, R, D) float32, pre-scaled by sm_scale (and rotated into the codes' frame) */
+    int64_t batch, heads, rows, head_dim;
+    int64_t col0, width;         /* the codes' logits sit at column t - col0 of a scratch row of width + plain tokens */
+    float *scratch;              /* (B, H, R, width + plain length) */
+    float *scores;               /* log2-domain logit of codes token t at scores[b * s0 + (h * R + r) * s1 + t], or NULL */
+    int64_t scores_strides[2];
+    float *out, *lse;            /* (B, H, R, D) normalised, (B, H, R) natural log */
+    int64_t threads;
+} kvp_call;
+
+/* 8 bytes as 8 int32 lanes: one vpmovzxbd on x86 (GCC scalarises the generic conversion of an 8-byte vector). */
+static inline v8i widen(const uint8_t *src) {
+#if defined(__AVX2__)
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src));
+#else
+    v8u8 raw;
+    memcpy(&raw, src, LANES);
+    return __builtin_convertvector(raw, v8i);
+#endif
+}
+
+/* A tile of n tokens from slot `slot` of one page, dequantized into floats (n, D): code * scale + zero per group.
+ * Part k of every byte is head-dim elements [k * width, (k + 1) * width); `bits` and `head_dim` are constants at
+ * every call site (the specialised tasks), so shifts, masks and the chunk loop unroll. The tile stays in L1 and is
+ * read by every query row of the kv head, so dequantizing here costs one multiply-add per element, once. */
+static inline __attribute__((always_inline)) void load_tile(const kvp_field *f, const int bits, const int head_dim,
+                                                            int64_t page, int64_t head, int64_t slot, int n,
+                                                            float *tile) {
+    const int width = head_dim * bits / 8, parts = 8 / bits, groups = head_dim / (int)f->group;
+    const uint8_t *codes = f->codes + page * f->codes_strides[0] + head * f->codes_strides[1]
+                           + slot * f->codes_strides[2];
+    const int64_t at = page * f->scale_strides[0] + head * f->scale_strides[1] + slot * f->scale_strides[2];
+    for (int t = 0; t < n; t++) {
+        float scale[MAX_GROUPS], zero[MAX_GROUPS];
+        for (int g = 0; g < groups; g++) {
+            scale[g] = (float)f->scale[at + t * f->scale_strides[2] + g];
+            zero[g] = (float)f->zero[at + t * f->scale_strides[2] + g];
+        }
+        const uint8_t *src = codes + t * f->codes_strides[2];
+        float *dst = tile + t * head_dim;
+        for (int j = 0; j < width; j += LANES) {
+            const v8i wide = widen(src + j);
+            for (int k = 0; k < parts; k++) {
+                const v8i code = bits == 8 ? wide : (wide >> (bits * k)) & ((1 << bits) - 1);
+                const int g = (k * width + j) / (int)f->group;
+                const v8f x = __builtin_convertvector(code, v8f) * scale[g] + zero[g];
+                memcpy(dst + k * width + j, &x, sizeof x);
+            }
+        }
+    }
+}
+
+/* The 8 sums of 8 vectors (one per token), in token order: a transpose-and-add tree (14 shuffles, 7 adds) instead of
+ * 8 horizontal sums. */
+static inline v8f sum8(const v8f x[8]) {
+    const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8i low_pairs = {0, 1, 8, 9, 4, 5, 12, 13}, high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i low_half = {0, 1, 2, 3, 8, 9, 10, 11}, high_half = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f pairs[4], quads[2];
+    for (int j = 0; j < 4; j++)
+        pairs[j] = __builtin_shuffle(x[2 * j], x[2 * j + 1], even) + __builtin_shuffle(x[2 * j], x[2 * j + 1], odd);
+    for (int j = 0; j < 2; j++)
+        quads[j] = __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], low_pairs)
+                   + __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], high_pairs);
+    return __builtin_shuffle(quads[0], quads[1], low_half) + __builtin_shuffle(quads[0], quads[1], high_half);
+}
+
+/* Tokens [start, end) of row b as runs within one page, at most TILE tokens each, running BODY with page, slot, n
+ * and first (the run's first token); returns 0 from the enclosing function at a table entry outside the pool. */
+#define FOR_EACH_RUN(s, b, start, end, BODY)                                                                      \
+    do {                                                                                                           \
+        const int32_t *table_ = (s)->table + (b) * (s)->table_stride;                                             \
+        for (int64_t t_ = (start); t_ < (end);) {                                                                 \
+            const int64_t page = table_[t_ / (s)->page_size], slot = t_ % (s)->page_size;                         \
+            if (page < 0 || page >= (s)->pages) return 0;                                                          \
+            int n = (int)((s)->page_size - slot);                                                                  \
+            if (n > TILE) n = TILE;                                                                                \
+            if (n > (end) - t_) n = (int)((end) - t_);                                                            \
+            const int64_t first = t_;                                                                              \
+            BODY;                                                                                                  \
+            t_ += n;                                                                                               \
+        }                                                                                                          \
+    } while (0)
+
+/* Logits out[t] = q . x_t of one query row against n float tokens x (n, D), 8 tokens per reduction tree. */
+static inline __attribute__((always_inline)) void row_dots(const v8f *qv, const float *x, int n, const int head_dim,
+                                                           float *out) {
+    const int chunks = head_dim / LANES;
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        v8f dots[8];
+        for (int u = 0; u < 8; u++) {
+            v8f acc = {0};
+            for (int i = 0; i < chunks; i++) {
+                v8f kv;
+                memcpy(&kv, x + (t + u) * head_dim + i * LANES, sizeof kv);
+                acc += qv[i] * kv;
+            }
+            dots[u] = acc;
+        }
+        const v8f sums = sum8(dots);
+        memcpy(out + t, &sums, sizeof sums);
+    }
+    for (; t < n; t++) {
+        v8f acc = {0};
+        for (int i = 0; i < chunks; i++) {
+            v8f kv;
+            memcpy(&kv, x + t * head_dim + i * LANES, sizeof kv);
+            acc += qv[i] * kv;
+        }
+        float total = 0.0f;
+        for (int l = 0; l < LANES; l++) total += acc[l];
+        out[t] = total;
+    }
+}
+
+/* acc (D) += sum_t p[t] * x_t over n float tokens x (n, D). */
+static inline __attribute__((always_inline)) void row_sums(v8f *acc, const float *p, const float *x, int n,
+                                                           const int head_dim) {
+    const int chunks = head_dim / LANES;
+    for (int t = 0; t < n; t++) {
+        for (int i = 0; i < chunks; i++) {
+            v8f vv;
+            memcpy(&vv, x + t * head_dim + i * LANES, sizeof vv);
+            acc[i] += p[t] * vv;
+        }
+    }
+}
+
+/* Pass 1 (returns 0 at a bad table entry): logits (R, width) of rows q (R, D) against the keys of tokens [start, end) (column t - col0). */
+static inline __attribute__((always_inline)) int key_logits(const kvp_store *s, const int bits, const int head_dim,
+                                                             int64_t b, int64_t h, const float *q, int rows,
+                                                             int64_t start, int64_t end, int64_t col0, float *logits,
+                                                             int64_t width) {
+    float tile[TILE * 128] __attribute__((aligned(32)));
+    FOR_EACH_RUN(s, b, start, end, {
+        load_tile(&s->k, bits, head_dim, page, h, slot, n, tile);
+        for (int r = 0; r < rows; r++) {
+            v8f qv[128 / LANES];
+            memcpy(qv, q + r * head_dim, head_dim * sizeof(float));
+            row_dots(qv, tile, n, head_dim, logits + r * width + (first - col0));
+        }
+    });
+    return 1;
+}
+
+/* Pass 2 (returns 0 at a bad table entry): acc (R, D) += sum_t p[r, t] * v_t for probabilities p (R, width) (column t - col0). */
+static inline __attribute__((always_inline)) int value_sums(const kvp_store *s, const int bits, const int head_dim,
+                                                             int64_t b, int64_t h, const float *probs, int rows,
+                                                             int64_t start, int64_t end, int64_t col0, int64_t width,
+                                                             float *acc) {
+    float tile[TILE * 128] __attribute__((aligned(32)));
+    FOR_EACH_RUN(s, b, start, end, {
+        load_tile(&s->v, bits, head_dim, page, h, slot, n, tile);
+        for (int r = 0; r < rows; r++) {
+            v8f av[128 / LANES];
+            memcpy(av, acc + r * head_dim, head_dim * sizeof(float));
+            row_sums(av, probs + r * width + (first - col0), tile, n, head_dim);
+            memcpy(acc + r * head_dim, av, head_dim * sizeof(float));
+        }
+    });
+    return 1;
+}
+
+/* Softmax of one row's logits over two column ranges in place (they become exp(l - top)); returns the mass and sets
+ * *top. Writes the first range's log2-domain logits to `scores` first when given. */
+static inline float softmax_ranges(float *l, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float *scores,
+                                   float *top_out) {
+    if (scores)
+        for (int64_t t = a0; t < a1; t++) scores[t] = l[t] * LOG2E;
+    float top = -INFINITY;
+    for (int64_t t = a0; t < a1; t++) top = l[t] > top ? l[t] : top;
+    for (int64_t t = b0; t < b1; t++) top = l[t] > top ? l[t] : top;
+    float mass = 0.0f;
+    for (int64_t t = a0; t < a1; t++) {
+        l[t] = expf(l[t] - top);
+        mass += l[t];
+    }
+    for (int64_t t = b0; t < b1; t++) {
+        l[t] = expf(l[t] - top);
+        mass += l[t];
+    }
+    *top_out = top;
+    return mass;
+}
+
+/* One (row b, kv head h) task over the codes' tokens [start, end) and the plain tokens: out (R, D) and lse (R,);
+ * a row with no token gets 0 and -inf. Returns 0 at a block-table entry outside the pool, else 1. */
+static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, const kvp_plain *plain,
+                                                             const kvp_call *c, const int head_dim, const int k_bits,
+                                                             const int v_bits, int64_t b, int64_t h) {
+    const int rows = (int)c->rows;
+    const int64_t task = b * c->heads + h, full = c->width + plain->length;
+    const float *q = c->q + task * rows * head_dim;
+    const float *q_plain = plain->q ? plain->q + task * rows * head_dim : q;
+    const float *k_plain = plain->k + task * plain->length * head_dim;
+    const float *v_plain = plain->v + task * plain->length * head_dim;
+    float *logits = c->scratch + task * rows * full, *out = c->out + task * rows * head_dim;
+    float *out_plain = plain->out ? plain->out + task * rows * head_dim : out, *lse = c->lse + task * rows;
+    const int64_t end = s->end ? s->end[b] : s->end_all;
+    int64_t start = s->start ? s->start[b] : s->start_all;
+    if (start < 0) start = 0;
+    if (start > end) start = end;
+    memset(out, 0, sizeof(float) * rows * head_dim);
+    if (plain->out) memset(out_plain, 0, sizeof(float) * rows * head_dim);
+    if (start == end && plain->length == 0) {
+        for (int r = 0; r < rows; r++) lse[r] = -INFINITY;
+        return 1;
+    }
+    if (!key_logits(s, k_bits, head_dim, b, h, q, rows, start, end, c->col0, logits, full)) return 0;
+    for (int r = 0; r < rows; r++) {
+        v8f qv[128 / LANES];
+        memcpy(qv, q_plain + r * head_dim, head_dim * sizeof(float));
+        row_dots(qv, k_plain, (int)plain->length, head_dim, logits + r * full + c->width);
+    }
+    float mass[MAX_ROWS];
+    for (int r = 0; r < rows; r++) {
+        float *scores = c->scores ? c->scores + b * c->scores_strides[0] + (h * rows + r) * c->scores_strides[1]
+                                        + c->col0 : NULL;
+        float top;
+        mass[r] = softmax_ranges(logits + r * full, start - c->col0, end - c->col0, c->width, full,
+                                 scores, &top);
+        lse[r] = top + logf(mass[r]);
+    }
+    if (!value_sums(s, v_bits, head_dim, b, h, logits, rows, start, end, c->col0, full, out)) return 0;
+    for (int r = 0; r < rows; r++) {
+        v8f av[128 / LANES];
+        memcpy(av, out_plain + r * head_dim, head_dim * sizeof(float));
+        row_sums(av, logits + r * full + c->width, v_plain, (int)plain->length, head_dim);
+        memcpy(out_plain + r * head_dim, av, head_dim * sizeof(float));
+    }
+    for (int r = 0; r < rows; r++) {
+        const float inv = 1.0f / mass[r];
+        for (int d = 0; d < head_dim; d++) out[r * head_dim + d] *= inv;
+        if (plain->out)
+            for (int d = 0; d < head_dim; d++) out_plain[r * head_dim + d] *= inv;
+    }
+    return 1;
+}
+
+typedef int (*task_fn)(const kvp_store *, const kvp_plain *, const kvp_call *, int64_t, int64_t);
+
+/* attend_one with head_dim and both widths constant: the loops over parts and chunks unroll. */
+#define SPECIALISE(D, KB, VB)                                                                                      \
+    static int task_##D##_##KB##_##VB(const kvp_store *s, const kvp_plain *p, const kvp_call *c, int64_t b,       \
+                                      int64_t h) {                                                                 \
+        return attend_one(s, p, c, D, KB, VB, b, h);                                                               \
+    }
+#define SPECIALISE_WIDTHS(D)                                                                                       \
+    SPECIALISE(D, 8, 8) SPECIALISE(D, 8, 4) SPECIALISE(D, 8, 2) SPECIALISE(D, 4, 8) SPECIALISE(D, 4, 4)             \
+    SPECIALISE(D, 4, 2) SPECIALISE(D, 2, 8) SPECIALISE(D, 2, 4) SPECIALISE(D, 2, 2)
+SPECIALISE_WIDTHS(64)
+SPECIALISE_WIDTHS(128)
+
+#define PICK_WIDTHS(D)                                                                                             \
+    if (kb == 8 && vb == 8) return task_##D##_8_8;                                                                 \
+    if (kb == 8 && vb == 4) return task_##D##_8_4;                                                                 \
+    if (kb == 8 && vb == 2) return task_##D##_8_2;                                                                 \
+    if (kb == 4 && vb == 8) return task_##D##_4_8;                                                                 \
+    if (kb == 4 && vb == 4) return task_##D##_4_4;                                                                 \
+    if (kb == 4 && vb == 2) return task_##D##_4_2;                                                                 \
+    if (kb == 2 && vb == 8) return task_##D##_2_8;                                                                 \
+    if (kb == 2 && vb == 4) return task_##D##_2_4;                                                                 \
+    if (kb == 2 && vb == 2) return task_##D##_2_2;
+
+/* The specialised task for a head dim and widths, or NULL. */
+static task_fn pick(int64_t head_dim, int64_t kb, int64_t vb) {
+    if (head_dim == 64) { PICK_WIDTHS(64) }
+    if (head_dim == 128) { PICK_WIDTHS(128) }
+    return NULL;
+}
+
+/* Every (row, kv head) task of one decode step over one codes store and the optional plain tokens. Returns 0; -1
+ * for shapes this kernel does not take (kernels/cpu_decode.py checks them first); -2 when a row's block table names
+ * a page outside the pool (its outputs are then partial: the caller raises). */
+int kvp_decode(const kvp_store *s, const kvp_plain *plain, const kvp_call *c) {
+    const task_fn task_of = pick(c->head_dim, s->k.bits, s->v.bits);
+    if (task_of == NULL || c->rows > MAX_ROWS || c->head_dim / s->k.group > MAX_GROUPS
+        || c->head_dim / s->v.group > MAX_GROUPS || s->k.group % LANES || s->v.group % LANES)
+        return -1;
+    const int64_t tasks = c->batch * c->heads;
+    int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads) if (c->threads > 1 && tasks > 1) reduction(|:bad)
+    for (int64_t task = 0; task < tasks; task++) bad |= !task_of(s, plain, c, task / c->heads, task % c->heads);
+    return bad ? -2 : 0;
+}

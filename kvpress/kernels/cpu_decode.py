@@ -1,0 +1,260 @@
+"""The compiled CPU decode kernel (cpu_decode.c): built once per machine with the host's C compiler, loaded with
+ctypes, called per quantized store with per-token groups. Its oracle is the torch twin (reference.py); which stores
+it takes is `takes(store)`, the rest stay with the twin (kernels/cpu_dispatch.py joins them).
+
+Why C and not torch.compile: the same loop costs ~20 s of compilation in every fresh process with inductor
+(eval/results/cpu_compiled_decode_probe.json); this source needs no torch headers and builds in about a second, once,
+into the kvpress cache directory. Without a C compiler the twin runs, and a warning says so once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from kvpress.kernels.store import KVStore
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=gnu11", "-fopenmp")
+MAX_ROWS, HEAD_DIMS, MAX_GROUPS, LANES = 64, (64, 128), 32, 8  # cpu_decode.c's limits
+
+
+def build_dir() -> Path:
+    """Where the built library lives: $KVPRESS_CACHE_DIR/kernels or ~/.cache/kvpress/kernels."""
+    return Path(os.environ.get("KVPRESS_CACHE_DIR", Path.home() / ".cache" / "kvpress")) / "kernels"
+
+
+def _compiler() -> str | None:
+    """The C compiler to build with: cc, else gcc (None: neither is on PATH)."""
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (a library built on another CPU is not reused)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _library_path(compiler: str) -> Path:
+    """The library's file name: a hash of the source, the flags, the compiler's version and the CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_signature()]).encode()).hexdigest()
+    return build_dir() / f"cpu_decode-{key[:16]}.so"
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile cpu_decode.c unless this machine's library is already built; return its path. Raises RuntimeError
+    with the compiler's message when the build fails."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    path = _library_path(compiler)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()}")
+        os.replace(built, path)  # atomic: concurrent builders leave one complete file
+    return path
+
+
+class _Field(ctypes.Structure):
+    """kvp_field in cpu_decode.c."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("codes_strides", ctypes.c_int64 * 3), ("scale_strides", ctypes.c_int64 * 3),
+                ("bits", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class _Store(ctypes.Structure):
+    """kvp_store in cpu_decode.c."""
+
+    _fields_ = [("k", _Field), ("v", _Field), ("table", ctypes.c_void_p), ("table_stride", ctypes.c_int64),
+                ("page_size", ctypes.c_int64), ("pages", ctypes.c_int64), ("start", ctypes.c_void_p),
+                ("end", ctypes.c_void_p), ("start_all", ctypes.c_int64), ("end_all", ctypes.c_int64)]
+
+
+class _Plain(ctypes.Structure):
+    """kvp_plain in cpu_decode.c."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("length", ctypes.c_int64), ("q", ctypes.c_void_p),
+                ("out", ctypes.c_void_p)]
+
+
+class _Call(ctypes.Structure):
+    """kvp_call in cpu_decode.c."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("batch", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("rows", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("col0", ctypes.c_int64),
+                ("width", ctypes.c_int64), ("scratch", ctypes.c_void_p), ("scores", ctypes.c_void_p),
+                ("scores_strides", ctypes.c_int64 * 2), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+                ("threads", ctypes.c_int64)]
+
+
+_WARNED = threading.Event()
+
+
+@lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL | None:
+    """The built library, or None (with one warning naming why) when it cannot be built here."""
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as error:
+        if not _WARNED.is_set():
+            _WARNED.set()
+            warnings.warn(f"kvpress: the compiled CPU decode kernel is unavailable ({error}); decoding over a "
+                          "quantized cache on the CPU uses the slower torch path. Install a C compiler (gcc) to "
+                          "enable it.", RuntimeWarning, stacklevel=3)
+        return None
+    library.kvp_decode.restype = ctypes.c_int
+    library.kvp_decode.argtypes = [ctypes.POINTER(_Store), ctypes.POINTER(_Plain), ctypes.POINTER(_Call)]
+    return library
+
+
+def available() -> bool:
+    """True when the compiled kernel is built (or can be) on this machine."""
+    return _load() is not None
+
+
+def _field_fits(codes: torch.Tensor, scale: torch.Tensor | None, bits: int, head_dim: int) -> bool:
+    """A quantized field the kernel reads: uint8 codes and fp16 scales with unit column stride, groups of whole
+    8-float vectors, each part of a byte a whole number of vectors."""
+    if bits not in (2, 4, 8) or scale is None or scale.dtype != torch.float16:
+        return False
+    groups = scale.shape[-1]
+    group = head_dim // groups
+    return (codes.stride(-1) == 1 and scale.stride(-1) == 1 and groups <= MAX_GROUPS and group % LANES == 0
+            and (head_dim * bits // 8) % LANES == 0)
+
+
+def takes(store: KVStore, rows: int, head_dim: int) -> bool:
+    """Whether the compiled kernel reads this store (decode, `rows` query rows per kv head): both fields quantized
+    with per-token groups, not causal, on the CPU, within the kernel's limits. Rotations are handled around it."""
+    return (store.k.device.type == "cpu" and store.k_block is None and not store.causal
+            and rows <= MAX_ROWS and head_dim in HEAD_DIMS
+            and _field_fits(store.k, store.k_scale, store.k_bits, head_dim)
+            and _field_fits(store.v, store.v_scale, store.v_bits, head_dim)
+            and store.k_zero.stride() == store.k_scale.stride() and store.v_zero.stride() == store.v_scale.stride())
+
+
+def _field(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, head_dim: int) -> _Field:
+    """kvp_field of one stored field (the tensors must outlive the call)."""
+    return _Field(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), (ctypes.c_int64 * 3)(*codes.stride()[:3]),
+                  (ctypes.c_int64 * 3)(*scale.stride()[:3]), bits, head_dim // scale.shape[-1])
+
+
+@dataclass
+class _Bounds:
+    """A store's row bounds as the kernel reads them: (B,) int32 tensors, or None and one int span for every row;
+    col0 / width: the columns of the logits scratch that cover every row's tokens."""
+
+    start: torch.Tensor | None
+    end: torch.Tensor | None
+    start_all: int
+    end_all: int
+    col0: int
+    width: int
+
+
+def _bounds(store: KVStore, batch: int) -> _Bounds:
+    """The store's bounds, checked against the tokens its table can address (the kernel checks each table entry
+    against the pool as it reads it)."""
+    start, end = store.kv_start, store.kv_end
+    if isinstance(start, int) and isinstance(end, int):
+        begin = min(start, end)
+        bounds = _Bounds(None, None, begin, end, begin, end - begin)
+    else:
+        end_t = torch.full((batch,), end, dtype=torch.int32) if isinstance(end, int) else end.to(torch.int32)
+        start_t = torch.full((batch,), start, dtype=torch.int32) if isinstance(start, int) else start.to(torch.int32)
+        start_t, end_t = start_t.contiguous(), end_t.contiguous()
+        top = int(end_t.max()) if batch else 0
+        col0 = min(max(int(torch.minimum(start_t, end_t).min()), 0), top) if batch else 0
+        bounds = _Bounds(start_t, end_t, 0, 0, col0, top - col0)
+    if bounds.col0 + bounds.width > store.capacity:
+        raise ValueError(f"need kv_end <= max_pages * page_size = {store.capacity}; got {bounds.col0 + bounds.width}")
+    return bounds
+
+
+@dataclass
+class PlainTokens:
+    """Float32 tokens attended in the same softmax as a codes store: k, v (B, Hkv, T, D) contiguous (the 16-bit
+    stores joined), with their own queries `q` (B, Hkv, R, D) when the codes' queries are rotated (None: the same),
+    and `apart`: their share of the output comes back separately (the codes' share is then rotated back alone)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor | None = None
+    apart: bool = False
+
+
+@dataclass
+class Decoded:
+    """What one call returns: out (B, Hkv, R, D) float32 (the codes' share alone when the plain tokens' is apart),
+    natural-log lse (B, Hkv, R) over every attended token, and the plain tokens' share when asked apart."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    plain_out: torch.Tensor | None = None
+
+
+def decode_store(q: torch.Tensor, store: KVStore, plain: PlainTokens | None = None,
+                 scores: torch.Tensor | None = None) -> Decoded:
+    """q (B, Hkv, R, D) float32, pre-scaled (and rotated into the store's key frame), over one store that `takes`
+    accepts and the optional plain tokens, in one softmax. `scores` (B, Hkv * R, >= the store's tokens) float32 with
+    unit column stride: each attended codes token t's log2-domain logit is written at column t."""
+    library = _load()
+    if library is None:
+        raise RuntimeError("the compiled CPU decode kernel is unavailable (see the warning)")
+    batch, heads, rows, head_dim = q.shape
+    q = q.contiguous()
+    bounds = _bounds(store, batch)
+    col0, width = bounds.col0, bounds.width
+    table = store.block_table.to(torch.int32).contiguous()
+    native = _Store(_field(store.k, store.k_scale, store.k_zero, store.k_bits, head_dim),
+                    _field(store.v, store.v_scale, store.v_zero, store.v_bits, head_dim),
+                    table.data_ptr(), table.stride(0), store.page_size, store.k.shape[0],
+                    None if bounds.start is None else bounds.start.data_ptr(),
+                    None if bounds.end is None else bounds.end.data_ptr(), bounds.start_all, bounds.end_all)
+    out, lse = torch.empty(batch, heads, rows, head_dim), torch.empty(batch, heads, rows)
+    plain_q = plain_out = None
+    if plain is None:
+        native_plain = _Plain(None, None, 0, None, None)
+        length = 0
+    else:
+        length = plain.k.shape[2]
+        plain_q = None if plain.q is None else plain.q.contiguous()
+        plain_out = torch.empty_like(out) if plain.apart else None
+        native_plain = _Plain(plain.k.data_ptr(), plain.v.data_ptr(), length,
+                              None if plain_q is None else plain_q.data_ptr(),
+                              None if plain_out is None else plain_out.data_ptr())
+    scratch = torch.empty(batch, heads, rows, width + length)
+    strides = (0, 0) if scores is None else scores.stride()[:2]
+    call = _Call(q.data_ptr(), batch, heads, rows, head_dim, col0, width, scratch.data_ptr(),
+                 None if scores is None else scores.data_ptr(), (ctypes.c_int64 * 2)(*strides), out.data_ptr(),
+                 lse.data_ptr(), torch.get_num_threads())
+    status = library.kvp_decode(ctypes.byref(native), ctypes.byref(native_plain), ctypes.byref(call))
+    if status == -2:
+        raise ValueError(f"block_table names a page outside the store's {store.k.shape[0]} pages for a token a row "
+                         "attends")
+    if status != 0:
+        raise ValueError("the compiled CPU decode kernel rejected this store's shapes (takes() should have)")
+    return Decoded(out, lse, plain_out)
