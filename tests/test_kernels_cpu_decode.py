@@ -79,6 +79,19 @@ def test_rotated_store_and_unrotated_window_share_the_softmax(encoding) -> None:
     _check_equal(q, stores, (0, 4, 74), 83)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_plain_stores_of_any_float_dtype_and_paging_join_the_softmax(dtype, page_size) -> None:
+    """The fp window read in place by the kernel (no float32 copy): every float dtype, contiguous or paged."""
+    sink, middle, _ = _stores(64, 8, 4, None, 32, 16)
+    window = make_store([0, 0, 0], [11, 11, 11], KV_HEADS, 64, dtype=dtype, page_size=page_size, device="cpu",
+                        seed=4)
+    window = replace(window, kv_start=1, kv_end=11)
+    assert cpu_decode.joins(window, 64)
+    q = torch.randn(3, KV_HEADS * GROUP, 64, generator=torch.Generator().manual_seed(8))
+    _check_equal(q, (sink, middle, window), (0, 4, 74), 85)
+
+
 def test_threads_give_the_same_result() -> None:
     stores = _stores(64, 8, 4, None, 32, 16)
     q = torch.randn(3, KV_HEADS * GROUP, 64, generator=torch.Generator().manual_seed(7))

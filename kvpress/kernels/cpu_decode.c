@@ -24,6 +24,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define TILE 16      /* tokens converted per tile: TILE * D floats stay in L1 */
 #define MAX_GROUPS 32
 #define MAX_ROWS 64
+#define MAX_PLAIN 4
 #define LOG2E 1.4426950408889634f
 
 typedef struct {
@@ -46,10 +47,24 @@ typedef struct {
     int64_t start_all, end_all;
 } kvp_store;
 
+/* A 16-bit store every row attends over the same tokens [start, end) (the fp sinks, the fp window): its tokens join
+ * the codes' softmax. */
 typedef struct {
-    const float *k, *v;          /* (B, H, length, D) float32 contiguous: the 16-bit stores joined, or NULL */
-    int64_t length;
-    const float *q;              /* (B, H, R, D): queries in their frame (NULL: the codes' queries) */
+    const void *k, *v;           /* (pages, heads, slots, D) float32 / float16 / bfloat16, contiguous columns */
+    int64_t k_strides[3];        /* page, head, slot (elements) */
+    int64_t v_strides[3];
+    int64_t dtype;               /* 0 float32, 1 float16, 2 bfloat16 */
+    const int32_t *table;        /* (B, max_pages) */
+    int64_t table_stride;
+    int64_t page_size;
+    int64_t pages;
+    int64_t start, end;
+} kvp_segment;
+
+typedef struct {
+    kvp_segment segments[MAX_PLAIN];
+    int64_t count;
+    const float *q;              /* (B, H, R, D): their queries when the codes' are rotated (NULL: the same) */
     float *out;                  /* (B, H, R, D): their share of the output apart (NULL: summed into the output) */
 } kvp_plain;
 
@@ -218,6 +233,73 @@ static inline __attribute__((always_inline)) int value_sums(const kvp_store *s, 
     return 1;
 }
 
+/* n tokens of one plain field from slot `slot` of a page, as floats (n, D). */
+static inline __attribute__((always_inline)) void load_plain_tile(const void *field, const int64_t *strides,
+                                                                  int64_t dtype, int64_t page, int64_t head,
+                                                                  int64_t slot, int n, const int head_dim,
+                                                                  float *tile) {
+    const int64_t at = page * strides[0] + head * strides[1] + slot * strides[2];
+    for (int t = 0; t < n; t++) {
+        float *dst = tile + t * head_dim;
+        const int64_t row = at + t * strides[2];
+        if (dtype == 0) {
+            memcpy(dst, (const float *)field + row, head_dim * sizeof(float));
+        } else if (dtype == 1) {
+            const _Float16 *src = (const _Float16 *)field + row;
+            for (int d = 0; d < head_dim; d++) dst[d] = (float)src[d];
+        } else {
+            const uint16_t *src = (const uint16_t *)field + row;
+            for (int d = 0; d < head_dim; d++) {
+                const uint32_t bits = (uint32_t)src[d] << 16;
+                memcpy(dst + d, &bits, sizeof bits);
+            }
+        }
+    }
+}
+
+/* Logits of rows q (R, D) against every plain segment's keys, at columns `column` on of each row (row stride
+ * `full`), segment after segment. Returns 0 at a bad table entry. */
+static inline __attribute__((always_inline)) int plain_logits(const kvp_plain *plain, const int head_dim, int64_t b,
+                                                              int64_t h, const float *q, int rows, int64_t column,
+                                                              float *logits, int64_t full) {
+    float tile[TILE * 128] __attribute__((aligned(32)));
+    for (int i = 0; i < plain->count; i++) {
+        const kvp_segment *seg = &plain->segments[i];
+        FOR_EACH_RUN(seg, b, seg->start, seg->end, {
+            load_plain_tile(seg->k, seg->k_strides, seg->dtype, page, h, slot, n, head_dim, tile);
+            for (int r = 0; r < rows; r++) {
+                v8f qv[128 / LANES];
+                memcpy(qv, q + r * head_dim, head_dim * sizeof(float));
+                row_dots(qv, tile, n, head_dim, logits + r * full + column + (first - seg->start));
+            }
+        });
+        column += seg->end - seg->start;
+    }
+    return 1;
+}
+
+/* acc (R, D) += the plain segments' values weighted by the probabilities at columns `column` on. Returns 0 at a bad
+ * table entry. */
+static inline __attribute__((always_inline)) int plain_sums(const kvp_plain *plain, const int head_dim, int64_t b,
+                                                            int64_t h, const float *probs, int rows, int64_t column,
+                                                            int64_t full, float *acc) {
+    float tile[TILE * 128] __attribute__((aligned(32)));
+    for (int i = 0; i < plain->count; i++) {
+        const kvp_segment *seg = &plain->segments[i];
+        FOR_EACH_RUN(seg, b, seg->start, seg->end, {
+            load_plain_tile(seg->v, seg->v_strides, seg->dtype, page, h, slot, n, head_dim, tile);
+            for (int r = 0; r < rows; r++) {
+                v8f av[128 / LANES];
+                memcpy(av, acc + r * head_dim, head_dim * sizeof(float));
+                row_sums(av, probs + r * full + column + (first - seg->start), tile, n, head_dim);
+                memcpy(acc + r * head_dim, av, head_dim * sizeof(float));
+            }
+        });
+        column += seg->end - seg->start;
+    }
+    return 1;
+}
+
 /* Softmax of one row's logits over two column ranges in place (they become exp(l - top)); returns the mass and sets
  * *top. Writes the first range's log2-domain logits to `scores` first when given. */
 static inline float softmax_ranges(float *l, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float *scores,
@@ -246,11 +328,11 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
                                                              const kvp_call *c, const int head_dim, const int k_bits,
                                                              const int v_bits, int64_t b, int64_t h) {
     const int rows = (int)c->rows;
-    const int64_t task = b * c->heads + h, full = c->width + plain->length;
+    int64_t plain_length = 0;
+    for (int i = 0; i < plain->count; i++) plain_length += plain->segments[i].end - plain->segments[i].start;
+    const int64_t task = b * c->heads + h, full = c->width + plain_length;
     const float *q = c->q + task * rows * head_dim;
     const float *q_plain = plain->q ? plain->q + task * rows * head_dim : q;
-    const float *k_plain = plain->k + task * plain->length * head_dim;
-    const float *v_plain = plain->v + task * plain->length * head_dim;
     float *logits = c->scratch + task * rows * full, *out = c->out + task * rows * head_dim;
     float *out_plain = plain->out ? plain->out + task * rows * head_dim : out, *lse = c->lse + task * rows;
     const int64_t end = s->end ? s->end[b] : s->end_all;
@@ -259,16 +341,12 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
     if (start > end) start = end;
     memset(out, 0, sizeof(float) * rows * head_dim);
     if (plain->out) memset(out_plain, 0, sizeof(float) * rows * head_dim);
-    if (start == end && plain->length == 0) {
+    if (start == end && plain_length == 0) {
         for (int r = 0; r < rows; r++) lse[r] = -INFINITY;
         return 1;
     }
     if (!key_logits(s, k_bits, head_dim, b, h, q, rows, start, end, c->col0, logits, full)) return 0;
-    for (int r = 0; r < rows; r++) {
-        v8f qv[128 / LANES];
-        memcpy(qv, q_plain + r * head_dim, head_dim * sizeof(float));
-        row_dots(qv, k_plain, (int)plain->length, head_dim, logits + r * full + c->width);
-    }
+    if (!plain_logits(plain, head_dim, b, h, q_plain, rows, c->width, logits, full)) return 0;
     float mass[MAX_ROWS];
     for (int r = 0; r < rows; r++) {
         float *scores = c->scores ? c->scores + b * c->scores_strides[0] + (h * rows + r) * c->scores_strides[1]
@@ -279,12 +357,7 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
         lse[r] = top + logf(mass[r]);
     }
     if (!value_sums(s, v_bits, head_dim, b, h, logits, rows, start, end, c->col0, full, out)) return 0;
-    for (int r = 0; r < rows; r++) {
-        v8f av[128 / LANES];
-        memcpy(av, out_plain + r * head_dim, head_dim * sizeof(float));
-        row_sums(av, logits + r * full + c->width, v_plain, (int)plain->length, head_dim);
-        memcpy(out_plain + r * head_dim, av, head_dim * sizeof(float));
-    }
+    if (!plain_sums(plain, head_dim, b, h, logits, rows, c->width, full, out_plain)) return 0;
     for (int r = 0; r < rows; r++) {
         const float inv = 1.0f / mass[r];
         for (int d = 0; d < head_dim; d++) out[r * head_dim + d] *= inv;
@@ -331,7 +404,7 @@ static task_fn pick(int64_t head_dim, int64_t kb, int64_t vb) {
  * a page outside the pool (its outputs are then partial: the caller raises). */
 int kvp_decode(const kvp_store *s, const kvp_plain *plain, const kvp_call *c) {
     const task_fn task_of = pick(c->head_dim, s->k.bits, s->v.bits);
-    if (task_of == NULL || c->rows > MAX_ROWS || c->head_dim / s->k.group > MAX_GROUPS
+    if (task_of == NULL || plain->count > MAX_PLAIN || c->rows > MAX_ROWS || c->head_dim / s->k.group > MAX_GROUPS
         || c->head_dim / s->v.group > MAX_GROUPS || s->k.group % LANES || s->v.group % LANES)
         return -1;
     const int64_t tasks = c->batch * c->heads;

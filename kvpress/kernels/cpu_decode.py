@@ -27,7 +27,8 @@ from kvpress.kernels.store import KVStore
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=gnu11", "-fopenmp")
-MAX_ROWS, HEAD_DIMS, MAX_GROUPS, LANES = 64, (64, 128), 32, 8  # cpu_decode.c's limits
+MAX_ROWS, HEAD_DIMS, MAX_GROUPS, LANES, MAX_PLAIN = 64, (64, 128), 32, 8, 4  # cpu_decode.c's limits
+PLAIN_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kvp_segment.dtype
 
 
 def build_dir() -> Path:
@@ -93,10 +94,19 @@ class _Store(ctypes.Structure):
                 ("end", ctypes.c_void_p), ("start_all", ctypes.c_int64), ("end_all", ctypes.c_int64)]
 
 
+class _Segment(ctypes.Structure):
+    """kvp_segment in cpu_decode.c."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_strides", ctypes.c_int64 * 3),
+                ("v_strides", ctypes.c_int64 * 3), ("dtype", ctypes.c_int64), ("table", ctypes.c_void_p),
+                ("table_stride", ctypes.c_int64), ("page_size", ctypes.c_int64), ("pages", ctypes.c_int64),
+                ("start", ctypes.c_int64), ("end", ctypes.c_int64)]
+
+
 class _Plain(ctypes.Structure):
     """kvp_plain in cpu_decode.c."""
 
-    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("length", ctypes.c_int64), ("q", ctypes.c_void_p),
+    _fields_ = [("segments", _Segment * MAX_PLAIN), ("count", ctypes.c_int64), ("q", ctypes.c_void_p),
                 ("out", ctypes.c_void_p)]
 
 
@@ -194,36 +204,49 @@ def _bounds(store: KVStore, batch: int) -> _Bounds:
     return bounds
 
 
-@dataclass
-class PlainTokens:
-    """Float32 tokens attended in the same softmax as a codes store: k, v (B, Hkv, T, D) contiguous (the 16-bit
-    stores joined), with their own queries `q` (B, Hkv, R, D) when the codes' queries are rotated (None: the same),
-    and `apart`: their share of the output comes back separately (the codes' share is then rotated back alone)."""
+def joins(store: KVStore, head_dim: int) -> bool:
+    """Whether a 16-bit store can join the kernel's softmax as a plain segment: every row attends the same int span,
+    unrotated, not causal, float32 / float16 / bfloat16 with contiguous columns, an int32 table."""
+    return (store.k_bits == store.v_bits == 16 and store.k_rotation is None and store.v_rotation is None
+            and not store.causal and isinstance(store.kv_start, int) and isinstance(store.kv_end, int)
+            and store.k.dtype in PLAIN_DTYPES and store.v.dtype == store.k.dtype and store.k.device.type == "cpu"
+            and store.k.stride(-1) == 1 and store.v.stride(-1) == 1 and head_dim in HEAD_DIMS
+            and store.block_table.dtype == torch.int32 and store.block_table.stride(-1) == 1)
 
-    k: torch.Tensor
-    v: torch.Tensor
-    q: torch.Tensor | None = None
-    apart: bool = False
+
+def _segment(store: KVStore) -> _Segment:
+    """kvp_segment of a store `joins` accepts (its tensors must outlive the call)."""
+    end = store.kv_end
+    if end > store.capacity:
+        raise ValueError(f"need kv_end <= max_pages * page_size = {store.capacity}; got {end}")
+    table = store.block_table
+    return _Segment(store.k.data_ptr(), store.v.data_ptr(), (ctypes.c_int64 * 3)(*store.k.stride()[:3]),
+                    (ctypes.c_int64 * 3)(*store.v.stride()[:3]), PLAIN_DTYPES[store.k.dtype], table.data_ptr(),
+                    table.stride(0), store.page_size, store.k.shape[0], min(max(store.kv_start, 0), end), end)
 
 
 @dataclass
 class Decoded:
-    """What one call returns: out (B, Hkv, R, D) float32 (the codes' share alone when the plain tokens' is apart),
-    natural-log lse (B, Hkv, R) over every attended token, and the plain tokens' share when asked apart."""
+    """What one call returns: out (B, Hkv, R, D) float32 (the codes' share alone when the plain stores' is apart),
+    natural-log lse (B, Hkv, R) over every attended token, and the plain stores' share when asked apart."""
 
     out: torch.Tensor
     lse: torch.Tensor
     plain_out: torch.Tensor | None = None
 
 
-def decode_store(q: torch.Tensor, store: KVStore, plain: PlainTokens | None = None,
-                 scores: torch.Tensor | None = None) -> Decoded:
+def decode_store(q: torch.Tensor, store: KVStore, plain: tuple[KVStore, ...] = (), plain_q: torch.Tensor | None = None,
+                 plain_apart: bool = False, scores: torch.Tensor | None = None) -> Decoded:
     """q (B, Hkv, R, D) float32, pre-scaled (and rotated into the store's key frame), over one store that `takes`
-    accepts and the optional plain tokens, in one softmax. `scores` (B, Hkv * R, >= the store's tokens) float32 with
-    unit column stride: each attended codes token t's log2-domain logit is written at column t."""
+    accepts and up to MAX_PLAIN 16-bit stores that `joins` accepts (int32 block tables), in one softmax. `plain_q`:
+    the plain stores' queries when they differ (rotated codes); `plain_apart`: return their share of the output
+    apart. `scores` (B, Hkv * R, >= the store's tokens) float32 with unit column stride: each attended codes token
+    t's log2-domain logit is written at column t."""
     library = _load()
     if library is None:
         raise RuntimeError("the compiled CPU decode kernel is unavailable (see the warning)")
+    if len(plain) > MAX_PLAIN:
+        raise ValueError(f"at most {MAX_PLAIN} plain stores join the kernel's softmax; got {len(plain)}")
     batch, heads, rows, head_dim = q.shape
     q = q.contiguous()
     bounds = _bounds(store, batch)
@@ -235,17 +258,12 @@ def decode_store(q: torch.Tensor, store: KVStore, plain: PlainTokens | None = No
                     None if bounds.start is None else bounds.start.data_ptr(),
                     None if bounds.end is None else bounds.end.data_ptr(), bounds.start_all, bounds.end_all)
     out, lse = torch.empty(batch, heads, rows, head_dim), torch.empty(batch, heads, rows)
-    plain_q = plain_out = None
-    if plain is None:
-        native_plain = _Plain(None, None, 0, None, None)
-        length = 0
-    else:
-        length = plain.k.shape[2]
-        plain_q = None if plain.q is None else plain.q.contiguous()
-        plain_out = torch.empty_like(out) if plain.apart else None
-        native_plain = _Plain(plain.k.data_ptr(), plain.v.data_ptr(), length,
-                              None if plain_q is None else plain_q.data_ptr(),
-                              None if plain_out is None else plain_out.data_ptr())
+    plain_q = None if plain_q is None else plain_q.contiguous()
+    plain_out = torch.empty_like(out) if plain and plain_apart else None
+    native_plain = _Plain((_Segment * MAX_PLAIN)(*map(_segment, plain)), len(plain),
+                          None if plain_q is None else plain_q.data_ptr(),
+                          None if plain_out is None else plain_out.data_ptr())
+    length = sum(segment.end - segment.start for segment in native_plain.segments[: len(plain)])
     scratch = torch.empty(batch, heads, rows, width + length)
     strides = (0, 0) if scores is None else scores.stride()[:2]
     call = _Call(q.data_ptr(), batch, heads, rows, head_dim, col0, width, scratch.data_ptr(),

@@ -1,5 +1,5 @@
 """Decode over several stores on the CPU: the compiled kernel (cpu_decode) for every quantized store it takes, with
-the plain 16-bit stores (fp sinks and window) in the first one's softmax; the torch twin for any other store;
+the plain 16-bit stores (fp sinks and window) read in place in the first one's softmax; the torch twin for any other store;
 their partial results merged by log-sum-exp. Same signature and results as the twin
 (reference.decode_attention_multi_reference), which stays the oracle."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from kvpress.kernels import cpu_decode
 from kvpress.kernels.merge import merge_attention_states
-from kvpress.kernels.reference import decode_attention_multi_reference, is_plain, joined_tokens
+from kvpress.kernels.reference import decode_attention_multi_reference
 from kvpress.kernels.store import KVStore, check_decode_query, check_score_args, check_stores, row_bounds
 
 
@@ -34,19 +34,17 @@ def decode_attention_multi_cpu(
         return decode_attention_multi_reference(q, stores, sm_scale, out_dtype, scores=scores,
                                                 score_offsets=score_offsets)
     # with scores every store's logits go to its own columns, so the plain stores stay with the twin then
-    plain = [] if scores is not None else [i for i, store in enumerate(stores) if is_plain(store)]
+    plain = [] if scores is not None else [i for i, store in enumerate(stores) if cpu_decode.joins(store, head_dim)]
+    plain = plain[: cpu_decode.MAX_PLAIN]
     qs = (q.float() * sm_scale).view(batch, kv_heads, rows, head_dim)
     parts = []
     for n, i in enumerate(coded):
         store = stores[i]
         rotated_q = qs if store.k_rotation is None else qs @ store.k_rotation
-        tokens = None
-        if n == 0 and plain:
-            k, v = joined_tokens([stores[j] for j in plain], batch)
-            tokens = cpu_decode.PlainTokens(k, v, None if store.k_rotation is None else qs,
-                                            apart=store.v_rotation is not None)
+        joined = tuple(stores[j] for j in plain) if n == 0 else ()  # the plain stores join the first one's softmax
         columns = None if scores is None else _score_columns(scores, store, score_offsets[i], batch)
-        result = cpu_decode.decode_store(rotated_q, store, tokens, columns)
+        result = cpu_decode.decode_store(rotated_q, store, joined, None if store.k_rotation is None else qs,
+                                         store.v_rotation is not None, columns)
         out = result.out if store.v_rotation is None else result.out @ store.v_rotation.T
         if result.plain_out is not None:
             out = out.add_(result.plain_out)
