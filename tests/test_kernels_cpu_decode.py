@@ -1,5 +1,6 @@
 """The compiled CPU decode kernel (kernels/cpu_decode.c through cpu_multi) equals its oracle, the torch twin, for every
-layout it takes: 8 / 4 / 2-bit keys and values, one or several groups, head_dim 64 and 128, contiguous and paged,
+layout it takes: 8 / 4 / 2-bit keys (per token or per channel) and values, one or several groups, head_dim 64 and
+128, contiguous and paged,
 int and per-row bounds (a row attending nothing), the fp sinks and window in the same softmax, rotated stores, the
 H2O logits; it hands what it does not take to the twin, fails cleanly on a bad block table, and without a compiler
 warns once and runs the twin."""
@@ -106,8 +107,21 @@ def test_threads_give_the_same_result() -> None:
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.mark.parametrize("head_dim,k_bits,v_bits,block,v_group", [(64, 2, 2, 64, None), (64, 8, 4, 16, 32),
+                                                                   (128, 4, 2, 32, None)])
+def test_keys_per_channel_equal_the_twin(head_dim, k_bits, v_bits, block, v_group) -> None:
+    """KIVI keys (k_block: scales per channel over blocks, slot layout), rows starting and ending inside blocks."""
+    from test_kernels_per_channel import KV_HEADS as CHANNEL_HEADS, channel_store
+
+    middle = channel_store([3, 0], [2 * block + 5, block + 3], head_dim, k_bits, v_bits, block, v_group, seed=k_bits)
+    assert cpu_decode.takes(middle, GROUP, head_dim)
+    window = make_store([0, 0], [6, 6], CHANNEL_HEADS, head_dim, dtype=torch.float16, device="cpu", seed=6)
+    q = torch.randn(2, CHANNEL_HEADS * GROUP, head_dim, generator=torch.Generator().manual_seed(3))
+    _check_equal(q, (middle, replace(window, kv_start=0, kv_end=6)), (0, 3 * block), 3 * block + 6)
+
+
 def test_stores_it_does_not_take_go_to_the_twin(monkeypatch) -> None:
-    """head_dim 32 and per-channel keys stay with the twin (same result, the kernel never called)."""
+    """head_dim 32 stays with the twin (same result, the kernel never called)."""
     calls = []
     monkeypatch.setattr(cpu_decode, "decode_store", lambda *a, **k: calls.append(1))
     stores = _stores(32, 8, 4, None, 16, None)
@@ -115,8 +129,7 @@ def test_stores_it_does_not_take_go_to_the_twin(monkeypatch) -> None:
     q = torch.randn(3, KV_HEADS * GROUP, 32)
     out, _ = decode_attention_multi_cpu(q, stores, 0.3)
     torch.testing.assert_close(out, decode_attention_multi_reference(q, stores, 0.3)[0])
-    channel = replace(_stores(64, 4, 4, None, 32, None)[1], k_block=64)
-    assert not cpu_decode.takes(channel, GROUP, 64) and not calls
+    assert not calls
 
 
 def test_dispatch_uses_the_compiled_kernel_on_cpu_unless_the_twin_is_forced(monkeypatch) -> None:

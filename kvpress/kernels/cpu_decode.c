@@ -35,6 +35,8 @@ typedef struct {
     int64_t scale_strides[3];
     int64_t bits;
     int64_t group;               /* head-dim elements per (scale, zero) */
+    int64_t block;               /* keys per channel over blocks of this many slots (0: per token): the D scales of
+                                    the block starting at slot s sit at slots s.., contiguous (slot layout) */
 } kvp_field;
 
 typedef struct {
@@ -90,6 +92,41 @@ static inline v8i widen(const uint8_t *src) {
 #endif
 }
 
+/* load_tile for keys per channel (KIVI, docs/STORAGE_LAYOUT.md): token t of the block starting at slot s is
+ * code * scale[d] + zero[d] with the block's D scales and zeros read once per block from slots s.. (contiguous). */
+static inline __attribute__((always_inline)) void load_channel_tile(const kvp_field *f, const int bits,
+                                                                    const int head_dim, int64_t page, int64_t head,
+                                                                    int64_t slot, int n, float *tile) {
+    const int width = head_dim * bits / 8, parts = 8 / bits;
+    float scale[128], zero[128];
+    int64_t loaded = -1;
+    for (int t = 0; t < n; t++) {
+        const int64_t first = (slot + t) / f->block * f->block;
+        if (first != loaded) {
+            const int64_t at = page * f->scale_strides[0] + head * f->scale_strides[1] + first * f->scale_strides[2];
+            for (int d = 0; d < head_dim; d++) {
+                scale[d] = (float)f->scale[at + d];
+                zero[d] = (float)f->zero[at + d];
+            }
+            loaded = first;
+        }
+        const uint8_t *src = f->codes + page * f->codes_strides[0] + head * f->codes_strides[1]
+                             + (slot + t) * f->codes_strides[2];
+        float *dst = tile + t * head_dim;
+        for (int j = 0; j < width; j += LANES) {
+            const v8i wide = widen(src + j);
+            for (int k = 0; k < parts; k++) {
+                const v8i code = bits == 8 ? wide : (wide >> (bits * k)) & ((1 << bits) - 1);
+                v8f sv, zv;
+                memcpy(&sv, scale + k * width + j, sizeof sv);
+                memcpy(&zv, zero + k * width + j, sizeof zv);
+                const v8f x = __builtin_convertvector(code, v8f) * sv + zv;
+                memcpy(dst + k * width + j, &x, sizeof x);
+            }
+        }
+    }
+}
+
 /* A tile of n tokens from slot `slot` of one page, dequantized into floats (n, D): code * scale + zero per group.
  * Part k of every byte is head-dim elements [k * width, (k + 1) * width); `bits` and `head_dim` are constants at
  * every call site (the specialised tasks), so shifts, masks and the chunk loop unroll. The tile stays in L1 and is
@@ -101,6 +138,10 @@ static inline __attribute__((always_inline)) void load_tile(const kvp_field *f, 
     const uint8_t *codes = f->codes + page * f->codes_strides[0] + head * f->codes_strides[1]
                            + slot * f->codes_strides[2];
     const int64_t at = page * f->scale_strides[0] + head * f->scale_strides[1] + slot * f->scale_strides[2];
+    if (f->block) {
+        load_channel_tile(f, bits, head_dim, page, head, slot, n, tile);
+        return;
+    }
     for (int t = 0; t < n; t++) {
         float scale[MAX_GROUPS], zero[MAX_GROUPS];
         for (int g = 0; g < groups; g++) {

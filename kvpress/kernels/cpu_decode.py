@@ -83,7 +83,7 @@ class _Field(ctypes.Structure):
 
     _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("codes_strides", ctypes.c_int64 * 3), ("scale_strides", ctypes.c_int64 * 3),
-                ("bits", ctypes.c_int64), ("group", ctypes.c_int64)]
+                ("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("block", ctypes.c_int64)]
 
 
 class _Store(ctypes.Structure):
@@ -156,20 +156,35 @@ def _field_fits(codes: torch.Tensor, scale: torch.Tensor | None, bits: int, head
             and (head_dim * bits // 8) % LANES == 0)
 
 
+def _channel_keys_fit(store: KVStore) -> bool:
+    """Keys per channel (k_block) the kernel reads: one page per row, and each block's D scales contiguous over its
+    slots (slot layout with unit column stride)."""
+    scale = store.k_scale
+    return (store.block_table.shape[1] == 1 and scale is not None and scale.dtype == torch.float16
+            and store.k_zero.stride() == scale.stride() and scale.stride(-1) == 1
+            and scale.stride(2) == scale.shape[-1] and store.k_bits in (2, 4, 8) and store.k.stride(-1) == 1)
+
+
 def takes(store: KVStore, rows: int, head_dim: int) -> bool:
     """Whether the compiled kernel reads this store (decode, `rows` query rows per kv head): both fields quantized
-    with per-token groups, not causal, on the CPU, within the kernel's limits. Rotations are handled around it."""
-    return (store.k.device.type == "cpu" and store.k_block is None and not store.causal
-            and rows <= MAX_ROWS and head_dim in HEAD_DIMS
-            and _field_fits(store.k, store.k_scale, store.k_bits, head_dim)
+    (keys per token or per channel), not causal, on the CPU, within the kernel's limits. Rotations are handled
+    around it."""
+    if store.k.device.type != "cpu" or store.causal or rows > MAX_ROWS or head_dim not in HEAD_DIMS:
+        return False
+    keys_fit = (_channel_keys_fit(store) if store.k_block is not None
+                else _field_fits(store.k, store.k_scale, store.k_bits, head_dim)
+                and store.k_zero.stride() == store.k_scale.stride())
+    return (keys_fit and (head_dim * store.k_bits // 8) % LANES == 0
             and _field_fits(store.v, store.v_scale, store.v_bits, head_dim)
-            and store.k_zero.stride() == store.k_scale.stride() and store.v_zero.stride() == store.v_scale.stride())
+            and store.v_zero.stride() == store.v_scale.stride())
 
 
-def _field(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, head_dim: int) -> _Field:
-    """kvp_field of one stored field (the tensors must outlive the call)."""
+def _field(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, head_dim: int,
+           block: int | None = None) -> _Field:
+    """kvp_field of one stored field (the tensors must outlive the call); `block`: keys per channel."""
+    group = head_dim if block else head_dim // scale.shape[-1]
     return _Field(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), (ctypes.c_int64 * 3)(*codes.stride()[:3]),
-                  (ctypes.c_int64 * 3)(*scale.stride()[:3]), bits, head_dim // scale.shape[-1])
+                  (ctypes.c_int64 * 3)(*scale.stride()[:3]), bits, group, block or 0)
 
 
 @dataclass
@@ -252,7 +267,7 @@ def decode_store(q: torch.Tensor, store: KVStore, plain: tuple[KVStore, ...] = (
     bounds = _bounds(store, batch)
     col0, width = bounds.col0, bounds.width
     table = store.block_table.to(torch.int32).contiguous()
-    native = _Store(_field(store.k, store.k_scale, store.k_zero, store.k_bits, head_dim),
+    native = _Store(_field(store.k, store.k_scale, store.k_zero, store.k_bits, head_dim, store.k_block),
                     _field(store.v, store.v_scale, store.v_zero, store.v_bits, head_dim),
                     table.data_ptr(), table.stride(0), store.page_size, store.k.shape[0],
                     None if bounds.start is None else bounds.start.data_ptr(),
