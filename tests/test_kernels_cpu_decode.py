@@ -93,6 +93,13 @@ def test_plain_stores_of_any_float_dtype_and_paging_join_the_softmax(dtype, page
     _check_equal(q, (sink, middle, window), (0, 4, 74), 85)
 
 
+def test_sixteen_bit_stores_alone_with_the_h2o_logits() -> None:
+    """H2O over a 16-bit cache: no codes store, the kernel attends the fp stores and writes their logits."""
+    sink, _, window = _stores(64, 8, 4, None, 32, None)
+    q = torch.randn(3, KV_HEADS * GROUP, 64, generator=torch.Generator().manual_seed(9))
+    _check_equal(q, (sink, window), (0, 4), 13)
+
+
 def test_threads_give_the_same_result() -> None:
     stores = _stores(64, 8, 4, None, 32, 16)
     q = torch.randn(3, KV_HEADS * GROUP, 64, generator=torch.Generator().manual_seed(7))
@@ -151,7 +158,7 @@ def test_bad_block_table_fails_cleanly_and_the_next_call_works() -> None:
     table = middle.block_table.clone()
     table[1, 0] = middle.k.shape[0] + 5  # a page the pool does not have, in a span row 1 attends
     q = torch.randn(3, KV_HEADS * GROUP, 64)
-    with pytest.raises(ValueError, match="outside the store's"):
+    with pytest.raises(ValueError, match="outside its store.s pool"):
         decode_attention_multi_cpu(q, (sink, replace(middle, block_table=table), window), 0.3)
     out, _ = decode_attention_multi_cpu(q, (sink, middle, window), 0.3)
     torch.testing.assert_close(out, decode_attention_multi_reference(q, (sink, middle, window), 0.3)[0],

@@ -61,6 +61,7 @@ typedef struct {
     int64_t page_size;
     int64_t pages;
     int64_t start, end;
+    int64_t score_offset;        /* where its logits go in kvp_call.scores */
 } kvp_segment;
 
 typedef struct {
@@ -75,8 +76,9 @@ typedef struct {
     int64_t batch, heads, rows, head_dim;
     int64_t col0, width;         /* the codes' logits sit at column t - col0 of a scratch row of width + plain tokens */
     float *scratch;              /* (B, H, R, width + plain length) */
-    float *scores;               /* log2-domain logit of codes token t at scores[b * s0 + (h * R + r) * s1 + t], or NULL */
+    float *scores;               /* (B, H * R, L) log2-domain logits, or NULL: a store's token t at column offset + t */
     int64_t scores_strides[2];
+    int64_t score_offset;        /* the codes store's offset */
     float *out, *lse;            /* (B, H, R, D) normalised, (B, H, R) natural log */
     int64_t threads;
 } kvp_call;
@@ -299,9 +301,11 @@ static inline __attribute__((always_inline)) void load_plain_tile(const void *fi
 }
 
 /* Logits of rows q (R, D) against every plain segment's keys, at columns `column` on of each row (row stride
- * `full`), segment after segment. Returns 0 at a bad table entry. */
-static inline __attribute__((always_inline)) int plain_logits(const kvp_plain *plain, const int head_dim, int64_t b,
-                                                              int64_t h, const float *q, int rows, int64_t column,
+ * `full`), segment after segment, and in the log2 domain to the call's scores when asked. Returns 0 at a bad table
+ * entry. */
+static inline __attribute__((always_inline)) int plain_logits(const kvp_plain *plain, const kvp_call *c,
+                                                              const int head_dim, int64_t b, int64_t h,
+                                                              const float *q, int rows, int64_t column,
                                                               float *logits, int64_t full) {
     float tile[TILE * 128] __attribute__((aligned(32)));
     for (int i = 0; i < plain->count; i++) {
@@ -311,7 +315,13 @@ static inline __attribute__((always_inline)) int plain_logits(const kvp_plain *p
             for (int r = 0; r < rows; r++) {
                 v8f qv[128 / LANES];
                 memcpy(qv, q + r * head_dim, head_dim * sizeof(float));
-                row_dots(qv, tile, n, head_dim, logits + r * full + column + (first - seg->start));
+                float *row = logits + r * full + column + (first - seg->start);
+                row_dots(qv, tile, n, head_dim, row);
+                if (c->scores) {
+                    float *scores = c->scores + b * c->scores_strides[0] + (h * rows + r) * c->scores_strides[1]
+                                    + seg->score_offset + first;
+                    for (int t = 0; t < n; t++) scores[t] = row[t] * LOG2E;
+                }
             }
         });
         column += seg->end - seg->start;
@@ -387,11 +397,11 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
         return 1;
     }
     if (!key_logits(s, k_bits, head_dim, b, h, q, rows, start, end, c->col0, logits, full)) return 0;
-    if (!plain_logits(plain, head_dim, b, h, q_plain, rows, c->width, logits, full)) return 0;
+    if (!plain_logits(plain, c, head_dim, b, h, q_plain, rows, c->width, logits, full)) return 0;
     float mass[MAX_ROWS];
     for (int r = 0; r < rows; r++) {
         float *scores = c->scores ? c->scores + b * c->scores_strides[0] + (h * rows + r) * c->scores_strides[1]
-                                        + c->col0 : NULL;
+                                        + c->score_offset + c->col0 : NULL;
         float top;
         mass[r] = softmax_ranges(logits + r * full, start - c->col0, end - c->col0, c->width, full,
                                  scores, &top);

@@ -100,7 +100,7 @@ class _Segment(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("k_strides", ctypes.c_int64 * 3),
                 ("v_strides", ctypes.c_int64 * 3), ("dtype", ctypes.c_int64), ("table", ctypes.c_void_p),
                 ("table_stride", ctypes.c_int64), ("page_size", ctypes.c_int64), ("pages", ctypes.c_int64),
-                ("start", ctypes.c_int64), ("end", ctypes.c_int64)]
+                ("start", ctypes.c_int64), ("end", ctypes.c_int64), ("score_offset", ctypes.c_int64)]
 
 
 class _Plain(ctypes.Structure):
@@ -116,7 +116,8 @@ class _Call(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("batch", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("rows", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("col0", ctypes.c_int64),
                 ("width", ctypes.c_int64), ("scratch", ctypes.c_void_p), ("scores", ctypes.c_void_p),
-                ("scores_strides", ctypes.c_int64 * 2), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+                ("scores_strides", ctypes.c_int64 * 2), ("score_offset", ctypes.c_int64), ("out", ctypes.c_void_p),
+                ("lse", ctypes.c_void_p),
                 ("threads", ctypes.c_int64)]
 
 
@@ -229,7 +230,7 @@ def joins(store: KVStore, head_dim: int) -> bool:
             and store.block_table.dtype == torch.int32 and store.block_table.stride(-1) == 1)
 
 
-def _segment(store: KVStore) -> _Segment:
+def _segment(store: KVStore, score_offset: int = 0) -> _Segment:
     """kvp_segment of a store `joins` accepts (its tensors must outlive the call)."""
     end = store.kv_end
     if end > store.capacity:
@@ -237,7 +238,8 @@ def _segment(store: KVStore) -> _Segment:
     table = store.block_table
     return _Segment(store.k.data_ptr(), store.v.data_ptr(), (ctypes.c_int64 * 3)(*store.k.stride()[:3]),
                     (ctypes.c_int64 * 3)(*store.v.stride()[:3]), PLAIN_DTYPES[store.k.dtype], table.data_ptr(),
-                    table.stride(0), store.page_size, store.k.shape[0], min(max(store.kv_start, 0), end), end)
+                    table.stride(0), store.page_size, store.k.shape[0], min(max(store.kv_start, 0), end), end,
+                    score_offset)
 
 
 @dataclass
@@ -250,13 +252,31 @@ class Decoded:
     plain_out: torch.Tensor | None = None
 
 
-def decode_store(q: torch.Tensor, store: KVStore, plain: tuple[KVStore, ...] = (), plain_q: torch.Tensor | None = None,
-                 plain_apart: bool = False, scores: torch.Tensor | None = None) -> Decoded:
+_NO_TOKENS = _Bounds(None, None, 0, 0, 0, 0)
+
+
+def _native_store(store: KVStore | None, bounds: _Bounds, head_dim: int) -> tuple[_Store, torch.Tensor | None]:
+    """kvp_store of a codes store (and the int32 table it points to), or of none: no tokens, never read."""
+    if store is None:
+        empty = _Field(None, None, None, (ctypes.c_int64 * 3)(), (ctypes.c_int64 * 3)(), 8, head_dim, 0)
+        return _Store(empty, empty, None, 0, 1, 0, None, None, 0, 0), None
+    table = store.block_table.to(torch.int32).contiguous()
+    return _Store(_field(store.k, store.k_scale, store.k_zero, store.k_bits, head_dim, store.k_block),
+                  _field(store.v, store.v_scale, store.v_zero, store.v_bits, head_dim),
+                  table.data_ptr(), table.stride(0), store.page_size, store.k.shape[0],
+                  None if bounds.start is None else bounds.start.data_ptr(),
+                  None if bounds.end is None else bounds.end.data_ptr(), bounds.start_all, bounds.end_all), table
+
+
+def decode_store(q: torch.Tensor, store: KVStore | None, plain: tuple[KVStore, ...] = (),
+                 plain_q: torch.Tensor | None = None, plain_apart: bool = False, scores: torch.Tensor | None = None,
+                 score_offsets: tuple[int, ...] = ()) -> Decoded:
     """q (B, Hkv, R, D) float32, pre-scaled (and rotated into the store's key frame), over one store that `takes`
-    accepts and up to MAX_PLAIN 16-bit stores that `joins` accepts (int32 block tables), in one softmax. `plain_q`:
-    the plain stores' queries when they differ (rotated codes); `plain_apart`: return their share of the output
-    apart. `scores` (B, Hkv * R, >= the store's tokens) float32 with unit column stride: each attended codes token
-    t's log2-domain logit is written at column t."""
+    accepts (or none) and up to MAX_PLAIN 16-bit stores that `joins` accepts, in one softmax. `plain_q`: the plain
+    stores' queries when they differ (rotated codes); `plain_apart`: return their share of the output apart.
+    `scores` (B, Hkv * R, L) float32 with unit column stride: each attended token t's log2-domain logit is written at
+    column offset + t, score_offsets giving the codes store's offset (when there is one), then each plain store's;
+    checked to fit."""
     library = _load()
     if library is None:
         raise RuntimeError("the compiled CPU decode kernel is unavailable (see the warning)")
@@ -264,30 +284,31 @@ def decode_store(q: torch.Tensor, store: KVStore, plain: tuple[KVStore, ...] = (
         raise ValueError(f"at most {MAX_PLAIN} plain stores join the kernel's softmax; got {len(plain)}")
     batch, heads, rows, head_dim = q.shape
     q = q.contiguous()
-    bounds = _bounds(store, batch)
+    bounds = _NO_TOKENS if store is None else _bounds(store, batch)
     col0, width = bounds.col0, bounds.width
-    table = store.block_table.to(torch.int32).contiguous()
-    native = _Store(_field(store.k, store.k_scale, store.k_zero, store.k_bits, head_dim, store.k_block),
-                    _field(store.v, store.v_scale, store.v_zero, store.v_bits, head_dim),
-                    table.data_ptr(), table.stride(0), store.page_size, store.k.shape[0],
-                    None if bounds.start is None else bounds.start.data_ptr(),
-                    None if bounds.end is None else bounds.end.data_ptr(), bounds.start_all, bounds.end_all)
+    offsets = list(score_offsets) if scores is not None else [0] * (len(plain) + (store is not None))
+    if scores is not None:
+        spans = ([bounds.col0 + bounds.width] if store is not None else []) + [s.kv_end for s in plain]
+        if len(offsets) != len(spans) or any(o + e > scores.shape[2] for o, e in zip(offsets, spans)):
+            raise ValueError(f"scores has {scores.shape[2]} columns: too few for offsets {offsets} of stores ending "
+                             f"at tokens {spans}")
+    code_offset = offsets.pop(0) if store is not None else 0
+    native, table = _native_store(store, bounds, head_dim)
     out, lse = torch.empty(batch, heads, rows, head_dim), torch.empty(batch, heads, rows)
     plain_q = None if plain_q is None else plain_q.contiguous()
     plain_out = torch.empty_like(out) if plain and plain_apart else None
-    native_plain = _Plain((_Segment * MAX_PLAIN)(*map(_segment, plain)), len(plain),
+    native_plain = _Plain((_Segment * MAX_PLAIN)(*map(_segment, plain, offsets)), len(plain),
                           None if plain_q is None else plain_q.data_ptr(),
                           None if plain_out is None else plain_out.data_ptr())
     length = sum(segment.end - segment.start for segment in native_plain.segments[: len(plain)])
     scratch = torch.empty(batch, heads, rows, width + length)
     strides = (0, 0) if scores is None else scores.stride()[:2]
     call = _Call(q.data_ptr(), batch, heads, rows, head_dim, col0, width, scratch.data_ptr(),
-                 None if scores is None else scores.data_ptr(), (ctypes.c_int64 * 2)(*strides), out.data_ptr(),
-                 lse.data_ptr(), torch.get_num_threads())
+                 None if scores is None else scores.data_ptr(), (ctypes.c_int64 * 2)(*strides), code_offset,
+                 out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     status = library.kvp_decode(ctypes.byref(native), ctypes.byref(native_plain), ctypes.byref(call))
     if status == -2:
-        raise ValueError(f"block_table names a page outside the store's {store.k.shape[0]} pages for a token a row "
-                         "attends")
+        raise ValueError("a block_table names a page outside its store's pool for a token a row attends")
     if status != 0:
         raise ValueError("the compiled CPU decode kernel rejected this store's shapes (takes() should have)")
     return Decoded(out, lse, plain_out)
