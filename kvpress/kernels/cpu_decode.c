@@ -373,12 +373,61 @@ static inline float softmax_ranges(float *l, int64_t a0, int64_t a1, int64_t b0,
     return mass;
 }
 
+/* The passes of one task, each specialised for its head dim (and bit width): chosen once per call (`pick`). Only the
+ * passes are specialised, not their combination, so the library stays small and builds in a few seconds. */
+typedef int (*codes_pass)(const kvp_store *, int64_t, int64_t, const float *, int, int64_t, int64_t, int64_t, float *,
+                          int64_t);
+typedef int (*plain_keys_pass)(const kvp_plain *, const kvp_call *, int64_t, int64_t, const float *, int, int64_t,
+                               float *, int64_t);
+typedef int (*plain_values_pass)(const kvp_plain *, int64_t, int64_t, const float *, int, int64_t, int64_t, float *);
+
+typedef struct {
+    codes_pass keys, values;
+    plain_keys_pass plain_keys;
+    plain_values_pass plain_values;
+} kvp_passes;
+
+#define CODES_PASSES(D, BITS)                                                                                      \
+    static int keys_##D##_##BITS(const kvp_store *s, int64_t b, int64_t h, const float *q, int rows,               \
+                                 int64_t start, int64_t end, int64_t col0, float *logits, int64_t width) {         \
+        return key_logits(s, BITS, D, b, h, q, rows, start, end, col0, logits, width);                            \
+    }                                                                                                              \
+    static int values_##D##_##BITS(const kvp_store *s, int64_t b, int64_t h, const float *probs, int rows,         \
+                                   int64_t start, int64_t end, int64_t col0, float *acc, int64_t width) {          \
+        return value_sums(s, BITS, D, b, h, probs, rows, start, end, col0, width, acc);                           \
+    }
+#define PLAIN_PASSES(D)                                                                                            \
+    static int plain_keys_##D(const kvp_plain *p, const kvp_call *c, int64_t b, int64_t h, const float *q,         \
+                              int rows, int64_t column, float *logits, int64_t full) {                             \
+        return plain_logits(p, c, D, b, h, q, rows, column, logits, full);                                         \
+    }                                                                                                              \
+    static int plain_values_##D(const kvp_plain *p, int64_t b, int64_t h, const float *probs, int rows,            \
+                                int64_t column, int64_t full, float *acc) {                                        \
+        return plain_sums(p, D, b, h, probs, rows, column, full, acc);                                             \
+    }
+CODES_PASSES(64, 8) CODES_PASSES(64, 4) CODES_PASSES(64, 2) PLAIN_PASSES(64)
+CODES_PASSES(128, 8) CODES_PASSES(128, 4) CODES_PASSES(128, 2) PLAIN_PASSES(128)
+
+#define PICK_CODES(D, BITS, FIELD) (BITS == 8 ? FIELD##_##D##_8 : BITS == 4 ? FIELD##_##D##_4 : FIELD##_##D##_2)
+
+/* The passes for a head dim and widths; 0 when this kernel has none. */
+static int pick(int64_t head_dim, int64_t kb, int64_t vb, kvp_passes *passes) {
+    const int widths_ok = (kb == 8 || kb == 4 || kb == 2) && (vb == 8 || vb == 4 || vb == 2);
+    if (widths_ok && head_dim == 64)
+        *passes = (kvp_passes){PICK_CODES(64, kb, keys), PICK_CODES(64, vb, values), plain_keys_64, plain_values_64};
+    else if (widths_ok && head_dim == 128)
+        *passes = (kvp_passes){PICK_CODES(128, kb, keys), PICK_CODES(128, vb, values), plain_keys_128,
+                               plain_values_128};
+    else
+        return 0;
+    return 1;
+}
+
 /* One (row b, kv head h) task over the codes' tokens [start, end) and the plain tokens: out (R, D) and lse (R,);
  * a row with no token gets 0 and -inf. Returns 0 at a block-table entry outside the pool, else 1. */
-static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, const kvp_plain *plain,
-                                                             const kvp_call *c, const int head_dim, const int k_bits,
-                                                             const int v_bits, int64_t b, int64_t h) {
-    const int rows = (int)c->rows;
+static int attend_one(const kvp_store *s, const kvp_plain *plain, const kvp_call *c, const kvp_passes *passes,
+                      int64_t b, int64_t h) {
+    const int rows = (int)c->rows, head_dim = (int)c->head_dim;
     int64_t plain_length = 0;
     for (int i = 0; i < plain->count; i++) plain_length += plain->segments[i].end - plain->segments[i].start;
     const int64_t task = b * c->heads + h, full = c->width + plain_length;
@@ -396,8 +445,8 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
         for (int r = 0; r < rows; r++) lse[r] = -INFINITY;
         return 1;
     }
-    if (!key_logits(s, k_bits, head_dim, b, h, q, rows, start, end, c->col0, logits, full)) return 0;
-    if (!plain_logits(plain, c, head_dim, b, h, q_plain, rows, c->width, logits, full)) return 0;
+    if (!passes->keys(s, b, h, q, rows, start, end, c->col0, logits, full)) return 0;
+    if (!passes->plain_keys(plain, c, b, h, q_plain, rows, c->width, logits, full)) return 0;
     float mass[MAX_ROWS];
     for (int r = 0; r < rows; r++) {
         float *scores = c->scores ? c->scores + b * c->scores_strides[0] + (h * rows + r) * c->scores_strides[1]
@@ -407,8 +456,8 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
                                  scores, &top);
         lse[r] = top + logf(mass[r]);
     }
-    if (!value_sums(s, v_bits, head_dim, b, h, logits, rows, start, end, c->col0, full, out)) return 0;
-    if (!plain_sums(plain, head_dim, b, h, logits, rows, c->width, full, out_plain)) return 0;
+    if (!passes->values(s, b, h, logits, rows, start, end, c->col0, out, full)) return 0;
+    if (!passes->plain_values(plain, b, h, logits, rows, c->width, full, out_plain)) return 0;
     for (int r = 0; r < rows; r++) {
         const float inv = 1.0f / mass[r];
         for (int d = 0; d < head_dim; d++) out[r * head_dim + d] *= inv;
@@ -418,49 +467,19 @@ static inline __attribute__((always_inline)) int attend_one(const kvp_store *s, 
     return 1;
 }
 
-typedef int (*task_fn)(const kvp_store *, const kvp_plain *, const kvp_call *, int64_t, int64_t);
-
-/* attend_one with head_dim and both widths constant: the loops over parts and chunks unroll. */
-#define SPECIALISE(D, KB, VB)                                                                                      \
-    static int task_##D##_##KB##_##VB(const kvp_store *s, const kvp_plain *p, const kvp_call *c, int64_t b,       \
-                                      int64_t h) {                                                                 \
-        return attend_one(s, p, c, D, KB, VB, b, h);                                                               \
-    }
-#define SPECIALISE_WIDTHS(D)                                                                                       \
-    SPECIALISE(D, 8, 8) SPECIALISE(D, 8, 4) SPECIALISE(D, 8, 2) SPECIALISE(D, 4, 8) SPECIALISE(D, 4, 4)             \
-    SPECIALISE(D, 4, 2) SPECIALISE(D, 2, 8) SPECIALISE(D, 2, 4) SPECIALISE(D, 2, 2)
-SPECIALISE_WIDTHS(64)
-SPECIALISE_WIDTHS(128)
-
-#define PICK_WIDTHS(D)                                                                                             \
-    if (kb == 8 && vb == 8) return task_##D##_8_8;                                                                 \
-    if (kb == 8 && vb == 4) return task_##D##_8_4;                                                                 \
-    if (kb == 8 && vb == 2) return task_##D##_8_2;                                                                 \
-    if (kb == 4 && vb == 8) return task_##D##_4_8;                                                                 \
-    if (kb == 4 && vb == 4) return task_##D##_4_4;                                                                 \
-    if (kb == 4 && vb == 2) return task_##D##_4_2;                                                                 \
-    if (kb == 2 && vb == 8) return task_##D##_2_8;                                                                 \
-    if (kb == 2 && vb == 4) return task_##D##_2_4;                                                                 \
-    if (kb == 2 && vb == 2) return task_##D##_2_2;
-
-/* The specialised task for a head dim and widths, or NULL. */
-static task_fn pick(int64_t head_dim, int64_t kb, int64_t vb) {
-    if (head_dim == 64) { PICK_WIDTHS(64) }
-    if (head_dim == 128) { PICK_WIDTHS(128) }
-    return NULL;
-}
-
 /* Every (row, kv head) task of one decode step over one codes store and the optional plain tokens. Returns 0; -1
  * for shapes this kernel does not take (kernels/cpu_decode.py checks them first); -2 when a row's block table names
  * a page outside the pool (its outputs are then partial: the caller raises). */
 int kvp_decode(const kvp_store *s, const kvp_plain *plain, const kvp_call *c) {
-    const task_fn task_of = pick(c->head_dim, s->k.bits, s->v.bits);
-    if (task_of == NULL || plain->count > MAX_PLAIN || c->rows > MAX_ROWS || c->head_dim / s->k.group > MAX_GROUPS
-        || c->head_dim / s->v.group > MAX_GROUPS || s->k.group % LANES || s->v.group % LANES)
+    kvp_passes passes;
+    if (!pick(c->head_dim, s->k.bits, s->v.bits, &passes) || plain->count > MAX_PLAIN || c->rows > MAX_ROWS
+        || c->head_dim / s->k.group > MAX_GROUPS || c->head_dim / s->v.group > MAX_GROUPS || s->k.group % LANES
+        || s->v.group % LANES)
         return -1;
     const int64_t tasks = c->batch * c->heads;
     int bad = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads) if (c->threads > 1 && tasks > 1) reduction(|:bad)
-    for (int64_t task = 0; task < tasks; task++) bad |= !task_of(s, plain, c, task / c->heads, task % c->heads);
+    for (int64_t task = 0; task < tasks; task++)
+        bad |= !attend_one(s, plain, c, &passes, task / c->heads, task % c->heads);
     return bad ? -2 : 0;
 }

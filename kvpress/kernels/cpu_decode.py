@@ -3,7 +3,7 @@ ctypes, called per quantized store with per-token groups. Its oracle is the torc
 it takes is `takes(store)`, the rest stay with the twin (kernels/cpu_dispatch.py joins them).
 
 Why C and not torch.compile: the same loop costs ~20 s of compilation in every fresh process with inductor
-(eval/results/cpu_compiled_decode_probe.json); this source needs no torch headers and builds in about a second, once,
+(eval/results/cpu_compiled_decode_probe.json); this source needs no torch headers and builds in about two seconds, once,
 into the kvpress cache directory. Without a C compiler the twin runs, and a warning says so once.
 """
 from __future__ import annotations
