@@ -1,12 +1,14 @@
-/* Decode attention on the CPU straight from the codes of one quantized store (docs/STORAGE_LAYOUT.md): the compiled
- * twin of kernels/reference.py's decode for stores with per-token groups. Built by kernels/cpu_decode.py with the
- * host's C compiler (no torch headers: a one-second build) and called through ctypes.
+/* Decode attention on the CPU straight from the codes of one quantized store (docs/STORAGE_LAYOUT.md), the 16-bit
+ * stores every row attends alike joining the same softmax: the compiled twin of kernels/reference.py's decode. Built
+ * by kernels/cpu_decode.py with the host's C compiler (no torch headers: a build of about two seconds) and called
+ * through ctypes.
  *
- * One task is one (batch row, kv head) pair: its R query rows (pre-scaled by sm_scale) against the row's tokens
- * [start, end). Pass 1 converts a tile of tokens' key codes to float once and takes every row's dot product with it,
- * scaled per group: logit = sum_g s_g * (q_g . c_g) + z_g * sum(q_g). Then a softmax per row, and pass 2 converts
- * the value codes tile by tile and accumulates (p * s_g) * c_g into registers, and p * z_g per group apart. Vectors
- * are GCC vector extensions (8 floats), so the same source compiles to AVX2, AVX-512 or NEON.
+ * One task is one (batch row, kv head) pair: its R query rows (pre-scaled by sm_scale) against the row's tokens.
+ * Pass 1 dequantizes a tile of 16 tokens' keys into L1 once (code * scale + zero per group, or per channel for KIVI
+ * keys) and takes every row's dot products with it, 8 tokens per transpose-add reduction tree. Then one softmax per
+ * row (logits written to the H2O scores on the way), and pass 2 dequantizes the values tile by tile and accumulates
+ * p * v into registers. Vectors are GCC vector extensions (8 floats), so the same source compiles to AVX2, AVX-512
+ * or NEON; tasks run in parallel under OpenMP (torch's own runtime once torch is loaded).
  */
 #include <math.h>
 #include <stdint.h>
