@@ -1,8 +1,7 @@
 """Decode over several stores on the CPU: the compiled kernel (cpu_decode) for every quantized store it takes, with
 the plain 16-bit stores (fp sinks and window; or those alone, H2O over a 16-bit cache) read in place in the first
-call's softmax; the torch twin for any other store;
-their partial results merged by log-sum-exp. Same signature and results as the twin
-(reference.decode_attention_multi_reference), which stays the oracle."""
+call's softmax; the torch twin for any other store; partial results merged by log-sum-exp. Same signature and
+results as the twin (reference.decode_attention_multi_reference), which stays the oracle."""
 from __future__ import annotations
 
 import torch
