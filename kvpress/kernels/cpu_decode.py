@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from kvpress.kernels.store import KVStore
+from kvpress.kernels.reference import is_plain
+from kvpress.kernels.store import KVStore, row_bounds
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=gnu11", "-fopenmp")
@@ -158,12 +159,13 @@ def _field_fits(codes: torch.Tensor, scale: torch.Tensor | None, bits: int, head
 
 
 def _channel_keys_fit(store: KVStore) -> bool:
-    """Keys per channel (k_block) the kernel reads: one page per row, and each block's D scales contiguous over its
-    slots (slot layout with unit column stride)."""
+    """Keys per channel (k_block) the kernel reads: one page per row, each block's D scales contiguous over its slots
+    (slot layout with unit column stride), and each part of a byte a whole number of 8-float vectors."""
     scale = store.k_scale
     return (store.block_table.shape[1] == 1 and scale is not None and scale.dtype == torch.float16
             and store.k_zero.stride() == scale.stride() and scale.stride(-1) == 1
-            and scale.stride(2) == scale.shape[-1] and store.k_bits in (2, 4, 8) and store.k.stride(-1) == 1)
+            and scale.stride(2) == scale.shape[-1] and store.k_bits in (2, 4, 8) and store.k.stride(-1) == 1
+            and store.k.shape[-1] % LANES == 0)  # (bytes per token = elements per part: whole vectors)
 
 
 def takes(store: KVStore, rows: int, head_dim: int) -> bool:
@@ -175,8 +177,7 @@ def takes(store: KVStore, rows: int, head_dim: int) -> bool:
     keys_fit = (_channel_keys_fit(store) if store.k_block is not None
                 else _field_fits(store.k, store.k_scale, store.k_bits, head_dim)
                 and store.k_zero.stride() == store.k_scale.stride())
-    return (keys_fit and (head_dim * store.k_bits // 8) % LANES == 0
-            and _field_fits(store.v, store.v_scale, store.v_bits, head_dim)
+    return (keys_fit and _field_fits(store.v, store.v_scale, store.v_bits, head_dim)
             and store.v_zero.stride() == store.v_scale.stride())
 
 
@@ -208,12 +209,10 @@ def _bounds(store: KVStore, batch: int) -> _Bounds:
     if isinstance(start, int) and isinstance(end, int):
         begin = min(start, end)
         bounds = _Bounds(None, None, begin, end, begin, end - begin)
-    else:
-        end_t = torch.full((batch,), end, dtype=torch.int32) if isinstance(end, int) else end.to(torch.int32)
-        start_t = torch.full((batch,), start, dtype=torch.int32) if isinstance(start, int) else start.to(torch.int32)
-        start_t, end_t = start_t.contiguous(), end_t.contiguous()
+    else:  # per-row bounds, starts clamped into [0, end] (store.row_bounds)
+        start_t, end_t = (t.contiguous() for t in row_bounds(store, batch, store.k.device))
         top = int(end_t.max()) if batch else 0
-        col0 = min(max(int(torch.minimum(start_t, end_t).min()), 0), top) if batch else 0
+        col0 = min(int(start_t.min()), top) if batch else 0
         bounds = _Bounds(start_t, end_t, 0, 0, col0, top - col0)
     if bounds.col0 + bounds.width > store.capacity:
         raise ValueError(f"need kv_end <= max_pages * page_size = {store.capacity}; got {bounds.col0 + bounds.width}")
@@ -221,12 +220,11 @@ def _bounds(store: KVStore, batch: int) -> _Bounds:
 
 
 def joins(store: KVStore, head_dim: int) -> bool:
-    """Whether a 16-bit store can join the kernel's softmax as a plain segment: every row attends the same int span,
-    unrotated, not causal, float32 / float16 / bfloat16 with contiguous columns, an int32 table."""
-    return (store.k_bits == store.v_bits == 16 and store.k_rotation is None and store.v_rotation is None
-            and not store.causal and isinstance(store.kv_start, int) and isinstance(store.kv_end, int)
-            and store.k.dtype in PLAIN_DTYPES and store.v.dtype == store.k.dtype and store.k.device.type == "cpu"
-            and store.k.stride(-1) == 1 and store.v.stride(-1) == 1 and head_dim in HEAD_DIMS
+    """Whether a 16-bit store can join the kernel's softmax as a plain segment: reference.is_plain (every row attends
+    the same int span, unrotated, not causal), float32 / float16 / bfloat16 with contiguous columns, an int32
+    table."""
+    return (is_plain(store) and store.k.dtype in PLAIN_DTYPES and store.v.dtype == store.k.dtype
+            and store.k.device.type == "cpu" and store.k.stride(-1) == 1 and store.v.stride(-1) == 1 and head_dim in HEAD_DIMS
             and store.block_table.dtype == torch.int32 and store.block_table.stride(-1) == 1)
 
 

@@ -352,19 +352,6 @@ def is_plain(store: KVStore) -> bool:
             and not isinstance(store.kv_end, torch.Tensor))
 
 
-def joined_tokens(stores: list[KVStore], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attended tokens of plain stores (is_plain), concatenated in order as float32 k, v (B, Hkv, T, D)."""
-    keys, values = [], []
-    for store in stores:
-        span = _span(store, batch, store.k.device)
-        sliced = _one_page_per_row(store, span.end)
-        keys.append(_tokens(store.k, store, span, sliced).float())  # (float32 anyway once read)
-        values.append(_tokens(store.v, store, span, sliced).float())
-    if len(keys) == 1:
-        return keys[0].contiguous(), values[0].contiguous()
-    return torch.cat(keys, dim=2), torch.cat(values, dim=2)
-
-
 def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore, ...]:
     """Plain 16-bit stores (the fp sinks and window around a quantized middle) read as one float32 store over their
     concatenated tokens, in place of the first of them: one matmul each for keys and values instead of one per
@@ -372,8 +359,15 @@ def _join_plain_stores(stores: tuple[KVStore, ...], batch: int) -> tuple[KVStore
     plain = [i for i, store in enumerate(stores) if is_plain(store)]
     if len(plain) < 2:
         return stores
-    k, v = joined_tokens([stores[i] for i in plain], batch)
-    table = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None]
+    keys, values = [], []
+    for i in plain:
+        store = stores[i]
+        span = _span(store, batch, store.k.device)
+        sliced = _one_page_per_row(store, span.end)
+        keys.append(_tokens(store.k, store, span, sliced).float())  # (float32 anyway once read)
+        values.append(_tokens(store.v, store, span, sliced).float())
+    table = torch.arange(batch, dtype=torch.int32, device=keys[0].device)[:, None]
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     joined = KVStore(k=k, v=v, block_table=table, kv_end=k.shape[2])
     return tuple(joined if i == plain[0] else store for i, store in enumerate(stores) if i not in plain[1:])
 
